@@ -1,0 +1,1 @@
+"""ttdl: training segmenters with a diagnostic text description loss (shared module)."""
