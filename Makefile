@@ -1,0 +1,41 @@
+# ttdl: two commands on a fresh machine -- `make all` and `make test`.
+# The first use creates .venv/ and installs the pinned requirements from envs/.
+
+PYTHON ?= python3
+VENV ?= .venv
+CORES ?= 2
+CONFIG ?= config/config.yaml
+SNAKEMAKE = $(VENV)/bin/snakemake --cores $(CORES) --configfile $(CONFIG)
+STAMP = $(VENV)/.installed
+
+.PHONY: all test venv dry-run lint clean clean-cache help
+
+all: $(STAMP)  ## run the whole experiment matrix (results/summary.md)
+	$(SNAKEMAKE) all
+
+test: $(STAMP)  ## run the test suite
+	$(VENV)/bin/python -m pytest
+
+venv: $(STAMP)  ## create the virtual environment only
+
+$(STAMP): envs/requirements.txt envs/requirements-nodeps.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -r envs/requirements.txt
+	$(VENV)/bin/python -m pip install --quiet --no-deps -r envs/requirements-nodeps.txt
+	touch $(STAMP)
+
+dry-run: $(STAMP)  ## show the jobs `make all` would run
+	$(SNAKEMAKE) -n all
+
+lint: $(STAMP)  ## snakemake's own linter
+	$(VENV)/bin/snakemake --lint
+
+clean-cache:  ## remove mask-text caches only (prefills and finetuning caches)
+	rm -rf results/*/cache results/*/*/cache results/*/prefill_cache.pt results/*/*/prefill_cache.pt
+
+clean:  ## remove results, logs and benchmarks (keeps data and the venv)
+	rm -rf results logs benchmarks
+
+help:
+	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/:\t/'

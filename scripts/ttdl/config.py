@@ -1,0 +1,146 @@
+"""Configuration: load, validate against the schema, fill defaults, resolve one run.
+
+Torch-free on purpose: the Snakefile imports it to validate the config before
+any job starts, and every script uses the same resolution so a run means the
+same thing whether Snakemake or a person starts it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the file and the key."""
+
+
+def _with_defaults(validator_cls):
+    """A validator that also writes schema defaults into the instance."""
+    validate_properties = validator_cls.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, sub in properties.items():
+                if "default" in sub and key not in instance:
+                    instance[key] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_cls, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft7Validator)
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _key_path(error: jsonschema.ValidationError, prefix: str) -> str:
+    parts = [prefix] if prefix else []
+    parts += [str(p) for p in error.absolute_path]
+    return ".".join(parts) or "<top level>"
+
+
+def _validate(instance: dict, schema: dict, source: str, prefix: str = "") -> None:
+    errors = sorted(_Validator(schema).iter_errors(instance), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"  - {_key_path(e, prefix)}: {e.message}" for e in errors[:10]]
+        raise ConfigError(f"invalid config ({source}):\n" + "\n".join(lines)
+                          + f"\nSee {SCHEMA_PATH.relative_to(REPO_ROOT)} for the allowed keys and types.")
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def validate_config(config: dict, source: str = "config") -> dict:
+    """Validate in place (filling defaults), then check every run resolves; returns config."""
+    schema = load_schema()
+    _validate(config, schema, source)
+    runs = config["runs"]
+    for run_id, run in runs.items():
+        init = run.get("init")
+        if init is not None and init not in runs:
+            raise ConfigError(f"invalid config ({source}):\n  - runs.{run_id}.init: {init!r} is not a run id "
+                              f"(known: {', '.join(runs)})")
+        resolve_run(config, run_id, source)
+    for adaptation_id, adaptation in config["adaptations"].items():
+        if adaptation["init"] not in runs:
+            raise ConfigError(f"invalid config ({source}):\n  - adaptations.{adaptation_id}.init: "
+                              f"{adaptation['init']!r} is not a run id")
+    for run_id in runs:
+        adapted_by = resolve_run(config, run_id, source).get("encoder", {}).get("adapted_by")
+        if adapted_by is not None and adapted_by not in config["adaptations"]:
+            raise ConfigError(f"invalid config ({source}):\n  - runs.{run_id}.encoder.adapted_by: "
+                              f"{adapted_by!r} is not an adaptation id")
+    for run_id in config["summary"]:
+        if run_id not in runs:
+            raise ConfigError(f"invalid config ({source}):\n  - summary: {run_id!r} is not a run id")
+    _check_acyclic(runs, source)
+    return config
+
+
+def _check_acyclic(runs: dict, source: str) -> None:
+    for start in runs:
+        seen, run_id = set(), start
+        while run_id is not None:
+            if run_id in seen:
+                raise ConfigError(f"invalid config ({source}):\n  - runs.{start}.init: the init chain loops back to {run_id!r}")
+            seen.add(run_id)
+            run_id = runs[run_id].get("init")
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    config = deep_merge(config, overrides or {})
+    return validate_config(config, str(path))
+
+
+SHARED_SECTIONS = ("data", "model", "train", "describer", "encoder", "cache", "objective")
+
+
+def resolve_run(config: dict, run_id: str, source: str = "config") -> dict:
+    """The settings of one run: shared sections with the run's overrides merged in."""
+    if run_id not in config["runs"]:
+        raise ConfigError(f"unknown run {run_id!r} ({source}); known: {', '.join(config['runs'])}")
+    run = config["runs"][run_id]
+    resolved = {"run_id": run_id, "init": run.get("init"), "prefill": run.get("prefill", False),
+                "description": run.get("description", "")}
+    defs = load_schema()["definitions"]
+    for section in SHARED_SECTIONS:
+        if section not in config:
+            continue
+        merged = deep_merge(config[section], run.get(section, {}))
+        _validate(merged, defs[section], source, prefix=f"runs.{run_id}.{section}")
+        resolved[section] = merged
+    return resolved
+
+
+def resolve_adaptation(config: dict, adaptation_id: str) -> dict:
+    """An adaptation job's settings: its init run's settings plus the adaptation block."""
+    adaptation = config["adaptations"][adaptation_id]
+    return resolve_run(config, adaptation["init"]) | {"adaptation": adaptation, "adaptation_id": adaptation_id}
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))

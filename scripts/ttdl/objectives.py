@@ -1,0 +1,272 @@
+"""Auxiliary text objectives, chosen by name from the run's config.
+
+Every objective shares one pipeline (method.md §2): significant (image, class)
+pairs -> texts (from the describer through the mask-text cache, or synthetic
+templates) -> frozen text embeddings -> an experiment-specific loss head. The
+training loop only sees `objective(...) -> (aux, logs)`; it never asks which
+experiment it runs.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import losses
+from .cache import MaskTextCache, cache_from_config
+from .describers import build_describer
+from .describers.prompt import make_support_example, load_template
+from .encoders import build_encoder
+from .io import load_torch
+from .overlays import difference_overlay
+from .synthetic_text import synthetic_descriptions
+from .textbatch import TextBatch, build_text_batch
+
+ENCODER_KEYS_OURS = ("adapted_by",)  # workflow-level keys, not passed to build_encoder
+
+
+@dataclass
+class TextItems:
+    """The texts of one step: pair positions with their text; `fresh` marks describer output."""
+
+    positions: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    fresh: list[bool] = field(default_factory=list)
+
+
+@dataclass
+class Counters:
+    pairs: int = 0
+    calls: int = 0
+    reused: int = 0
+    malformed: int = 0
+    latency_s: float = 0.0
+    texts: int = 0
+
+    def add(self, other: "Counters") -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def as_logs(self, prefix: str = "") -> dict:
+        hit = 1.0 - self.calls / self.pairs if self.pairs else 0.0
+        return {f"{prefix}describer_calls": self.calls, f"{prefix}cache_hit_rate": round(hit, 4),
+                f"{prefix}malformed": self.malformed, f"{prefix}texts": self.texts,
+                f"{prefix}describer_latency_s": round(self.latency_s, 3)}
+
+
+# ---- text sources --------------------------------------------------------------------
+
+class DescriberTexts:
+    """Texts from the describer, through the mask-text cache (method.md §4)."""
+
+    def __init__(self, describer, cache: MaskTextCache, class_names: list[str]):
+        self.describer, self.cache, self.class_names = describer, cache, class_names
+
+    def __call__(self, tb: TextBatch, counters: Counters) -> TextItems:
+        masks = tb.pr_masks()
+        plan = self.cache.plan(tb.keys, masks)
+        items = TextItems()
+        if plan.describe:
+            started = time.monotonic()
+            answers = self.describer.describe(tb.requests(plan.describe, self.class_names))
+            counters.latency_s += time.monotonic() - started
+            self.cache.update([tb.keys[p] for p in plan.describe], masks[plan.describe], answers)
+            for position, text in zip(plan.describe, answers):
+                if text is None:
+                    counters.malformed += 1  # counted and skipped, never trained on
+                    continue
+                items.positions.append(position)
+                items.texts.append(text)
+                items.fresh.append(True)
+        for position in plan.reuse:
+            items.positions.append(position)
+            items.texts.append(self.cache.text(tb.keys[position]))
+            items.fresh.append(False)
+        counters.calls += len(plan.describe)
+        counters.reused += len(plan.reuse)
+        return items
+
+
+class SyntheticTexts:
+    """Template text from which of TP/TN/FP/FN exist (3.1 phase 2); no describer calls."""
+
+    def __init__(self, class_names: list[str], ignore_index: int):
+        self.class_names, self.ignore_index = class_names, ignore_index
+
+    def __call__(self, tb: TextBatch, counters: Counters) -> TextItems:
+        pairs = list(zip(tb.rows, tb.classes))
+        texts = synthetic_descriptions(tb.gt, tb.pr, pairs, self.class_names, self.ignore_index)
+        return TextItems(list(range(len(pairs))), texts, [True] * len(pairs))
+
+
+# ---- loss heads ----------------------------------------------------------------------
+
+def gap(bottleneck: torch.Tensor) -> torch.Tensor:
+    return bottleneck.float().mean(dim=(2, 3))
+
+
+class VariableSiglipHead(nn.Module):
+    """3.1: rows = images (GAP of B), texts mapped to B's width by a bias-free linear map."""
+
+    def __init__(self, cfg: dict, text_dim: int, bottleneck_dim: int, encoder):
+        super().__init__()
+        self.cfg = cfg
+        self.mlp = nn.Linear(text_dim, bottleneck_dim, bias=False)
+
+    def forward(self, tb, items, emb, bottleneck, **_) -> torch.Tensor:
+        owner = torch.tensor([tb.rows[p] for p in items.positions], dtype=torch.long, device=emb.device)
+        return losses.variable_text_siglip(gap(bottleneck), self.mlp(emb), owner,
+                                           self.cfg["scale"], self.cfg["bias"])
+
+
+class GroupedSiglipHead(VariableSiglipHead):
+    """3.3: rows = (image, class) pairs, grouped by image; same-image negatives masked by default."""
+
+    def forward(self, tb, items, emb, bottleneck, **_) -> torch.Tensor:
+        rows = torch.tensor([tb.rows[p] for p in items.positions], dtype=torch.long, device=emb.device)
+        return losses.grouped_siglip(gap(bottleneck)[rows], self.mlp(emb), rows, self.cfg["scale"],
+                                     self.cfg["bias"], self.cfg["mask_same_group_negatives"])
+
+
+class XenRescaleHead(nn.Module):
+    """2: per-pixel CE re-weighted toward where the description attends on the difference overlay."""
+
+    def __init__(self, cfg: dict, text_dim: int, bottleneck_dim: int, encoder):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = [encoder]  # not a submodule: frozen, not saved with the head
+
+    def forward(self, tb, items, emb, bottleneck, pixel_ce, valid, **_) -> torch.Tensor:
+        encoder = self.encoder[0]
+        maps: list[torch.Tensor | None] = [None] * pixel_ce.shape[0]
+        if items.positions:
+            overlays = torch.stack([difference_overlay(tb.images[tb.rows[p]], tb.gt[tb.rows[p]],
+                                                       tb.pr[tb.rows[p]], tb.classes[p]) for p in items.positions])
+            with torch.no_grad():
+                attention = encoder.text_patch_attention(emb, overlays.to(emb.device)).float()
+            for row in set(tb.rows[p] for p in items.positions):
+                picks = [i for i, p in enumerate(items.positions) if tb.rows[p] == row]
+                maps[row] = attention[picks].mean(0)
+        weights = losses.pixel_weight_maps(maps, tuple(pixel_ce.shape[-2:]), self.cfg["gamma"],
+                                           self.cfg["normalise"]).to(pixel_ce.device)
+        return losses.xen_rescale_loss(pixel_ce, weights, valid, self.cfg["alpha"])
+
+
+HEADS: dict[str, type[nn.Module]] = {
+    "variable_siglip": VariableSiglipHead,
+    "grouped_siglip": GroupedSiglipHead,
+    "xen_rescale": XenRescaleHead,
+}
+
+
+# ---- the objective -------------------------------------------------------------------
+
+class TextObjective(nn.Module):
+    def __init__(self, run: dict, head: nn.Module, source, encoder, cache: MaskTextCache | None,
+                 describer, num_classes: int, ignore_index: int):
+        super().__init__()
+        cfg = run["objective"]
+        self.cfg, self.head = cfg, head
+        self.lam, self.mix = cfg["lambda"], cfg["mix"]
+        self.source, self.encoder, self.cache, self.describer = source, [encoder], cache, describer
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.describer_size = run["describer"]["image_size"]
+        self.epoch_counters, self.total = Counters(), Counters()
+
+    def forward(self, batch, images, masks, logits, bottleneck, pixel_ce, valid):
+        pr = logits.detach().argmax(1)
+        tb = build_text_batch(list(batch["uid"]), images, masks, pr, size=self.describer_size,
+                              num_classes=self.num_classes, ignore_index=self.ignore_index,
+                              include_predicted=self.cfg["include_predicted_classes"])
+        step = Counters(pairs=len(tb.keys))
+        items = self.source(tb, step)
+        step.texts = len(items.texts)
+        encoder = self.encoder[0]
+        if items.texts:
+            with torch.no_grad():
+                emb = encoder.encode_text(items.texts).float().to(bottleneck.device)
+        else:
+            emb = torch.zeros((0, encoder.embed_dim), device=bottleneck.device)
+        aux = self.head(tb=tb, items=items, emb=emb, bottleneck=bottleneck, pixel_ce=pixel_ce, valid=valid)
+        self.epoch_counters.add(step)
+        self.total.add(step)
+        return aux, step.as_logs()
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch_counters = Counters()
+
+    def epoch_logs(self) -> dict:
+        return self.epoch_counters.as_logs()
+
+    def summary(self) -> dict:
+        return self.total.as_logs() | {"objective": self.cfg["name"], "text_source": self.cfg["text"],
+                                       "describer": self.describer.__class__.__name__ if self.describer else None}
+
+    def state_dict_full(self) -> dict:
+        counters = {name: getattr(self.total, name) for name in Counters.__dataclass_fields__}
+        return {"head": self.head.state_dict(), "total": counters,
+                "cache": self.cache.state_dict() if self.cache is not None else None}
+
+    def load_state_dict_full(self, state: dict) -> None:
+        self.head.load_state_dict(state["head"])
+        self.total = Counters(**state["total"])
+        if self.cache is not None and state["cache"] is not None:
+            self.cache.load_state_dict(state["cache"], source="training state")
+
+    def close(self) -> None:
+        if self.describer is not None:
+            self.describer.close()
+
+
+def encoder_config(run: dict, adapted_path: str | None) -> dict:
+    cfg = {k: v for k, v in run["encoder"].items() if k not in ENCODER_KEYS_OURS}
+    if adapted_path:
+        cfg["adapted"] = adapted_path
+    return cfg
+
+
+def support_example(dataset, template_path: str, class_names: list[str]):
+    """The one-shot example of the prompt: the first training (image, class) that fits the template."""
+    template = load_template(template_path)
+    for index in range(min(len(dataset), 50)):
+        sample = dataset[index]
+        for c in sorted(set(sample["mask"].unique().tolist()) - {0, 255}):
+            try:
+                return make_support_example(sample["image"], sample["mask"], c, class_names[c], template)
+            except ValueError:
+                continue
+    return None  # the prompt builder falls back to its own drawn example
+
+
+def build_describer_for(run: dict, class_names: list[str], dataset=None):
+    cfg = run["describer"]
+    support = None
+    if cfg["backend"] != "rules" and dataset is not None:
+        support = support_example(dataset, cfg["prompt_template"], class_names)
+    return build_describer(cfg, class_names, support)
+
+
+def build_objective(run: dict, trainer, cache_path: str | None, adapted_path: str | None = None):
+    cfg = run.get("objective") or {}
+    if cfg.get("name", "none") == "none":
+        return None
+    if cfg["name"] not in HEADS:
+        raise ValueError(f"unknown objective {cfg['name']!r}; known: none, {', '.join(HEADS)}")
+    class_names, ignore = trainer.class_names, trainer.ignore_index
+    encoder = build_encoder(encoder_config(run, adapted_path)).to(trainer.device).eval()
+    encoder.requires_grad_(False)
+    cache = describer = None
+    if cfg["text"] == "describer":
+        cache = cache_from_config(run["cache"])
+        if cache_path:
+            cache.load_state_dict(load_torch(cache_path), source=cache_path)
+        describer = build_describer_for(run, class_names, trainer.train_set)
+        source = DescriberTexts(describer, cache, class_names)
+    else:
+        source = SyntheticTexts(class_names, ignore)
+    head = HEADS[cfg["name"]](cfg, encoder.embed_dim, trainer.model.bottleneck_channels, encoder)
+    objective = TextObjective(run, head, source, encoder, cache, describer, trainer.num_classes, ignore)
+    return objective.to(trainer.device)

@@ -1,0 +1,69 @@
+# Helpers that turn the validated config into file paths and job parameters.
+import re
+
+from ttdl.config import resolve_adaptation, resolve_run, to_json
+
+RUNS = list(config["runs"])
+PY = sys.executable  # the interpreter running Snakemake (the project's venv)
+
+
+wildcard_constraints:
+    run="|".join(re.escape(r) for r in sorted(RUNS, key=len, reverse=True)),
+    adaptation="|".join(re.escape(a) for a in config["adaptations"]) or "^$",
+
+
+def run_settings(run):
+    return resolve_run(config, run)
+
+
+TEXT_SECTIONS = ("describer", "encoder", "cache")
+
+
+def run_json(wildcards):
+    """The run's resolved settings; a change re-runs the job (params are tracked).
+
+    CE-only runs drop the text sections so that text settings never retrain them.
+    """
+    settings = run_settings(wildcards.run)
+    if settings["objective"]["name"] == "none":
+        settings = {k: v for k, v in settings.items() if k not in TEXT_SECTIONS}
+    return to_json(settings)
+
+
+def full_run_json(wildcards):
+    return to_json(run_settings(wildcards.run))
+
+
+def data_ready(root):
+    """The file whose presence means the dataset under `root` is complete."""
+    return f"{root}/ImageSets/Segmentation/val.txt"
+
+
+def data_inputs(wildcards):
+    return data_ready(run_settings(wildcards.run)["data"]["root"])
+
+
+def init_weights(wildcards):
+    init = config["runs"][wildcards.run].get("init")
+    return [f"results/{init}/weights.pth"] if init else []
+
+
+SCRIPTS = Path(workflow.basedir).parent / "scripts"
+
+
+def prefill_input(wildcards):
+    """A prefilled cache of the init checkpoint, for runs that ask for one."""
+    run = config["runs"][wildcards.run]
+    return [f"results/{run['init']}/prefill_cache.pt"] if run.get("prefill") and run.get("init") else []
+
+
+def encoder_input(wildcards):
+    """The adapted encoder, for text runs whose encoder names an adaptation."""
+    settings = run_settings(wildcards.run)
+    adapted_by = settings["encoder"]["adapted_by"]
+    return [f"results/{adapted_by}/encoder.pt"] if adapted_by and settings["objective"]["name"] != "none" else []
+
+
+def optional_arg(flag, files):
+    return f"{flag} {files[0]}" if files else ""
+

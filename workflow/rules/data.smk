@@ -1,0 +1,16 @@
+# The embedded default dataset, generated deterministically from the config.
+
+
+rule make_data:
+    output:
+        train=f"{config['data']['root']}/ImageSets/Segmentation/train.txt",
+        val=data_ready(config["data"]["root"]),
+        classes=f"{config['data']['root']}/classes.txt",
+    params:
+        run=lambda wildcards: to_json({"data": config["data"]}),
+    log:
+        "logs/make_data.log",
+    benchmark:
+        "benchmarks/make_data.tsv"
+    shell:
+        "{PY} {SCRIPTS}/make_data.py --run-json {params.run:q} > {log} 2>&1"

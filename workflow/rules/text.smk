@@ -1,0 +1,40 @@
+# The text branch: encoder adaptation (vle/*) and cache prefills per starting checkpoint.
+
+
+rule adapt_encoder:
+    input:
+        weights=lambda wildcards: f"results/{config['adaptations'][wildcards.adaptation]['init']}/weights.pth",
+        data=lambda wildcards: data_ready(config["data"]["root"]),
+    output:
+        encoder="results/{adaptation}/encoder.pt",
+        metrics="results/{adaptation}/metrics.json",
+    params:
+        run=lambda wildcards: to_json(resolve_adaptation(config, wildcards.adaptation)),
+    log:
+        "logs/adapt_encoder/{adaptation}.log",
+    benchmark:
+        "benchmarks/adapt_encoder/{adaptation}.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+    shell:
+        "{PY} {SCRIPTS}/adapt_encoder.py --run-json {params.run:q} --weights {input.weights} --out results/{wildcards.adaptation} > {log} 2>&1"
+
+
+rule prefill_cache:
+    input:
+        weights="results/{run}/weights.pth",
+        data=data_inputs,
+    output:
+        "results/{run}/prefill_cache.pt",
+    params:
+        run=full_run_json,
+    log:
+        "logs/prefill_cache/{run}.log",
+    benchmark:
+        "benchmarks/prefill_cache/{run}.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+    shell:
+        "{PY} {SCRIPTS}/prefill_cache.py --run-json {params.run:q} --weights {input.weights} --out {output} > {log} 2>&1"

@@ -1,0 +1,26 @@
+# Training jobs: one per run of the matrix, all through scripts/train.py.
+
+
+rule train:
+    input:
+        data=data_inputs,
+        init=init_weights,
+        cache=prefill_input,
+        encoder=encoder_input,
+    output:
+        weights="results/{run}/weights.pth",
+        metrics="results/{run}/metrics.csv",
+        summary="results/{run}/summary.json",
+    params:
+        run=run_json,
+        extra=lambda wildcards, input: " ".join([optional_arg("--init", input.init),
+            optional_arg("--cache", input.cache), optional_arg("--encoder", input.encoder)]),
+    log:
+        "logs/train/{run}.log",
+    benchmark:
+        "benchmarks/train/{run}.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+    shell:
+        "{PY} {SCRIPTS}/train.py --run-json {params.run:q} --out results/{wildcards.run} {params.extra} > {log} 2>&1"
