@@ -5,10 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 CORES ?= 2
 CONFIG ?= config/config.yaml
-SNAKEMAKE = $(VENV)/bin/snakemake --cores $(CORES) --configfile $(CONFIG)
+SNAKEMAKE = $(VENV)/bin/snakemake --cores $(CORES) --configfile=$(CONFIG)
 STAMP = $(VENV)/.installed
 
-.PHONY: all test venv dry-run lint clean clean-cache help
+.PHONY: all test venv dry-run lint bench clean clean-cache help
 
 all: $(STAMP)  ## run the whole experiment matrix (results/summary.md)
 	$(SNAKEMAKE) all
@@ -32,10 +32,14 @@ lint: $(STAMP)  ## snakemake's own linter
 	$(VENV)/bin/snakemake --lint
 
 clean-cache:  ## remove mask-text caches only (prefills and finetuning caches)
-	rm -rf results/*/cache results/*/*/cache results/*/prefill_cache.pt results/*/*/prefill_cache.pt
+	if [ -d results ]; then find results \( -name prefill_cache.pt -o -name cache -type d \) -prune -exec rm -rf {} +; fi
 
 clean:  ## remove results, logs and benchmarks (keeps data and the venv)
 	rm -rf results logs benchmarks
 
 help:
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/:\t/'
+
+bench: $(STAMP)  ## text step / CE step time and describer calls per pair (prints ratios)
+	$(SNAKEMAKE) results/good_ckp/prefill_cache.pt results/vle/1/encoder.pt
+	$(VENV)/bin/python scripts/bench.py --config $(CONFIG)

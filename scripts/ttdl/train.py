@@ -241,8 +241,13 @@ class Trainer:
         self.scheduler.step()
         return logs | {"loss": loss.item(), "lr": self.scheduler.get_last_lr()[0]}
 
-    def _loader(self, indices_batches, dataset) -> DataLoader:
-        return DataLoader(dataset, batch_sampler=indices_batches, num_workers=self.tc["num_workers"],
+    def epoch_loader(self, epoch: int, skip: int = 0) -> DataLoader:
+        """The epoch's batches, a pure function of (seed, epoch); `skip` drops those already trained."""
+        self.train_set.set_epoch(epoch)
+        order = epoch_order(len(self.train_set), self.tc["seed"], epoch)
+        bs = self.tc["batch_size"]
+        batches = [order[i * bs:(i + 1) * bs] for i in range(self.steps_per_epoch)][skip:]
+        return DataLoader(self.train_set, batch_sampler=batches, num_workers=self.tc["num_workers"],
                           pin_memory=self.device.type == "cuda")
 
     def validate(self) -> dict:
@@ -257,26 +262,24 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.try_resume()
         writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step or None)
-        tc, bs = self.tc, self.tc["batch_size"]
+        tc = self.tc
         try:
             while not self.done and self.epoch < tc["epochs"]:
-                self._run_epoch(writer, bs)
+                self._run_epoch(writer)
             self.done = True
             self.save_state()
         finally:
             writer.close()
         return self.finish()
 
-    def _run_epoch(self, writer, bs: int) -> None:
+    def _run_epoch(self, writer) -> None:
         started = time.time()
-        self.train_set.set_epoch(self.epoch)
-        order = epoch_order(len(self.train_set), self.tc["seed"], self.epoch)
-        batches = [order[i * bs:(i + 1) * bs] for i in range(self.steps_per_epoch)][self.step_in_epoch:]
+        loader = self.epoch_loader(self.epoch, skip=self.step_in_epoch)
         sums: dict[str, float] = {}
         count = 0
         if self.objective is not None:
             self.objective.start_epoch(self.epoch)
-        bar = self.bar(self._loader(batches, self.train_set), total=len(batches),
+        bar = self.bar(loader, total=len(loader),
                        desc=f"{self.run['run_id']} epoch {self.epoch + 1}/{self.tc['epochs']}")
         for batch in bar:
             logs = self.train_step(batch)
