@@ -1,0 +1,112 @@
+"""The text branch inside the training loop: describer -> cache -> encoder -> aux loss."""
+from __future__ import annotations
+
+import math
+import socket
+
+import pytest
+import torch
+
+from ttdl.describers import DescriberError
+from ttdl.io import load_torch, save_torch
+from ttdl.prefill import prefill_cache
+from ttdl.train import Trainer
+
+TEXT = {"describer": {"image_size": 48}}
+
+
+def first_batch(trainer: Trainer) -> dict:
+    return next(iter(trainer.epoch_loader(0)))
+
+
+def text_trainer(tiny_run, tmp_path, objective: dict, lr: float = 1e-3, **sections) -> Trainer:
+    run = tiny_run("t", objective=objective, train={"lr": lr}, **(TEXT | sections))
+    return Trainer(run, tmp_path / "out", log=lambda *_: None)
+
+
+def test_grouped_siglip_step_describes_then_reuses(tiny_run, tmp_path):
+    # a vanishing lr keeps the predicted masks identical between the two steps
+    trainer = text_trainer(tiny_run, tmp_path, {"name": "grouped_siglip", "lambda": 0.2}, lr=1e-12)
+    batch = first_batch(trainer)
+    first = trainer.train_step(batch)
+    pairs = first["text/texts"]
+    assert pairs > 0 and first["text/describer_calls"] == pairs  # unseen keys are all described
+    assert math.isfinite(first["aux"]) and first["aux"] > 0
+    assert first["loss"] == pytest.approx(0.8 * first["ce"] + 0.2 * first["aux"], rel=1e-5)
+    second = trainer.train_step(batch)
+    assert second["text/describer_calls"] == 0  # unchanged masks are never re-described
+    assert second["text/texts"] == pairs  # ... and their cached text is reused
+    assert second["text/cache_hit_rate"] == 1.0
+
+
+def test_seed_cache_mode_redescribes_unchanged_masks(tiny_run, tmp_path):
+    trainer = text_trainer(tiny_run, tmp_path, {"name": "grouped_siglip"}, lr=1e-12, cache={"mode": "seed"})
+    batch = first_batch(trainer)
+    first = trainer.train_step(batch)
+    second = trainer.train_step(batch)
+    # the seed's tie flaw: all IoUs are 1, the 0.4-quantile is 1, everything is described again
+    assert second["text/describer_calls"] == first["text/describer_calls"] > 0
+
+
+def test_unreachable_describer_server_stops_training(tiny_run, tmp_path):
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    describer = {"image_size": 48, "backend": "openai", "base_url": f"http://127.0.0.1:{port}/v1",
+                 "model": "none", "retries": 1, "backoff_s": 0.0, "timeout_s": 2}
+    run = tiny_run("t", objective={"name": "grouped_siglip"}, describer=describer)
+    trainer = Trainer(run, tmp_path / "out", log=lambda *_: None)
+    with pytest.raises(DescriberError, match=f"127.0.0.1:{port}"):
+        trainer.train_step(first_batch(trainer))
+
+
+def test_malformed_answers_are_counted_and_skipped(tiny_run, tmp_path):
+    trainer = text_trainer(tiny_run, tmp_path, {"name": "grouped_siglip"})
+    describer = trainer.objective.describer
+    real = describer.describe
+    describer.describe = lambda requests: [None if i % 2 else text for i, text in enumerate(real(requests))]
+    logs = trainer.train_step(first_batch(trainer))
+    calls = logs["text/describer_calls"]
+    assert logs["text/malformed"] == calls // 2
+    assert logs["text/texts"] == calls - calls // 2
+
+
+def test_xen_rescale_value_equals_ce(tiny_run, tmp_path):
+    trainer = text_trainer(tiny_run, tmp_path, {"name": "xen_rescale", "lambda": 1.0})
+    logs = trainer.train_step(first_batch(trainer))
+    assert logs["text/texts"] > 0
+    assert logs["aux"] == pytest.approx(logs["ce"], rel=1e-4)  # only the gradient is re-weighted
+    assert logs["loss"] == pytest.approx(logs["aux"], rel=1e-6)
+
+
+def test_synthetic_text_needs_no_describer(tiny_run, tmp_path):
+    trainer = text_trainer(tiny_run, tmp_path, {"name": "variable_siglip", "text": "synthetic"})
+    logs = trainer.train_step(first_batch(trainer))
+    assert logs["text/describer_calls"] == 0 and logs["text/texts"] > 0
+    assert trainer.objective.cache is None
+
+
+def test_text_run_saves_cache_and_aux_head(tiny_run, tmp_path):
+    trainer = text_trainer(tiny_run, tmp_path, {"name": "variable_siglip"})
+    summary = trainer.fit()
+    assert summary["describer_calls"] > 0 and 0.0 <= summary["cache_hit_rate"] <= 1.0
+    weights = load_torch(tmp_path / "out" / "weights.pth")
+    assert weights["aux_head"]["mlp.weight"].shape == (960, trainer.objective.encoder[0].embed_dim)
+    cache = load_torch(tmp_path / "out" / "cache" / "cache.pt")
+    assert len(cache["keys"]) > 0
+
+
+def test_prefill_records_every_significant_pair_without_text(tiny_run, tmp_path):
+    run = tiny_run("t", objective={"name": "grouped_siglip"}, **TEXT)
+    trainer = Trainer(run, tmp_path / "out", log=lambda *_: None)
+    save_torch(tmp_path / "w.pth", {"model": trainer.model.state_dict()})
+    info = prefill_cache(run, str(tmp_path / "w.pth"), tmp_path / "prefill.pt")
+    state = load_torch(tmp_path / "prefill.pt")
+    assert info["keys"] == len(state["keys"]) >= len(trainer.train_set)  # at least one class per image
+    assert state["texts"] == {}  # no describer calls
+    uids = {key.rsplit("-", 1)[0] for key in state["keys"]}
+    assert uids == set(trainer.train_set.uids)
+    # a finetune that starts from this cache knows every key already
+    warm = Trainer(run, tmp_path / "warm", cache_path=str(tmp_path / "prefill.pt"), log=lambda *_: None)
+    assert len(warm.objective.cache) == info["keys"]
+    assert all(key in warm.objective.cache for key in state["keys"])
