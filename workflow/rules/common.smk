@@ -4,7 +4,6 @@ import re
 from ttdl.config import resolve_adaptation, resolve_run, to_json
 
 RUNS = list(config["runs"])
-PY = sys.executable  # the interpreter running Snakemake (the project's venv)
 
 
 wildcard_constraints:
@@ -46,9 +45,6 @@ def data_inputs(wildcards):
 def init_weights(wildcards):
     init = config["runs"][wildcards.run].get("init")
     return [f"results/{init}/weights.pth"] if init else []
-
-
-SCRIPTS = Path(workflow.basedir).parent / "scripts"
 
 
 def prefill_input(wildcards):

@@ -2,6 +2,8 @@
 
 
 rule make_data:
+    input:
+        script="scripts/make_data.py",
     output:
         train=f"{config['data']['root']}/ImageSets/Segmentation/train.txt",
         val=data_ready(config["data"]["root"]),
@@ -13,4 +15,4 @@ rule make_data:
     benchmark:
         "benchmarks/make_data.tsv"
     shell:
-        "{PY} {SCRIPTS}/make_data.py --run-json {params.run:q} > {log} 2>&1"
+        "python {input.script} --run-json {params.run:q} > {log} 2>&1"

@@ -3,6 +3,7 @@
 
 rule evaluate:
     input:
+        script="scripts/evaluate.py",
         weights="results/{run}/weights.pth",
         data=data_inputs,
     output:
@@ -15,12 +16,13 @@ rule evaluate:
         "benchmarks/evaluate/{run}.tsv"
     threads: 2
     shell:
-        "{PY} {SCRIPTS}/evaluate.py --run-json {params.run:q} --weights {input.weights} --out {output} > {log} 2>&1"
+        "python {input.script} --run-json {params.run:q} --weights {input.weights} --out {output} > {log} 2>&1"
 
 
 rule summarize:
     input:
-        expand("results/{run}/{name}", run=config["summary"], name=["eval.json", "summary.json"]),
+        script="scripts/summarize.py",
+        results=expand("results/{run}/{name}", run=config["summary"], name=["eval.json", "summary.json"]),
     output:
         csv="results/summary.csv",
         md="results/summary.md",
@@ -31,4 +33,4 @@ rule summarize:
     benchmark:
         "benchmarks/summarize.tsv"
     shell:
-        "{PY} {SCRIPTS}/summarize.py --runs {params.runs} --csv {output.csv} --md {output.md} > {log} 2>&1"
+        "python {input.script} --runs {params.runs} --csv {output.csv} --md {output.md} > {log} 2>&1"

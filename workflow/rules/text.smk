@@ -3,6 +3,7 @@
 
 rule adapt_encoder:
     input:
+        script="scripts/adapt_encoder.py",
         weights=lambda wildcards: f"results/{config['adaptations'][wildcards.adaptation]['init']}/weights.pth",
         data=lambda wildcards: data_ready(config["data"]["root"]),
     output:
@@ -18,11 +19,12 @@ rule adapt_encoder:
     resources:
         gpu=1,
     shell:
-        "{PY} {SCRIPTS}/adapt_encoder.py --run-json {params.run:q} --weights {input.weights} --out results/{wildcards.adaptation} > {log} 2>&1"
+        "python {input.script} --run-json {params.run:q} --weights {input.weights} --out results/{wildcards.adaptation} > {log} 2>&1"
 
 
 rule prefill_cache:
     input:
+        script="scripts/prefill_cache.py",
         weights="results/{run}/weights.pth",
         data=data_inputs,
     output:
@@ -37,4 +39,4 @@ rule prefill_cache:
     resources:
         gpu=1,
     shell:
-        "{PY} {SCRIPTS}/prefill_cache.py --run-json {params.run:q} --weights {input.weights} --out {output} > {log} 2>&1"
+        "python {input.script} --run-json {params.run:q} --weights {input.weights} --out {output} > {log} 2>&1"

@@ -3,6 +3,7 @@
 
 rule train:
     input:
+        script="scripts/train.py",
         data=data_inputs,
         init=init_weights,
         cache=prefill_input,
@@ -23,4 +24,4 @@ rule train:
     resources:
         gpu=1,
     shell:
-        "{PY} {SCRIPTS}/train.py --run-json {params.run:q} --out results/{wildcards.run} {params.extra} > {log} 2>&1"
+        "python {input.script} --run-json {params.run:q} --out results/{wildcards.run} {params.extra} > {log} 2>&1"
