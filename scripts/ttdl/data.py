@@ -98,7 +98,7 @@ class SegmentationFolder(Dataset):
 def resize_and_crop(image: torch.Tensor, label: torch.Tensor, resize: int, crop: int):
     """Shorter side to `resize` (bilinear image, nearest labels), then a centred `crop` square."""
     h, w = label.shape
-    if min(h, w) != resize:
+    if min(h, w) != resize or min(h, w) < crop:
         scale = resize / min(h, w)
         size = (max(crop, round(h * scale)), max(crop, round(w * scale)))
         image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]

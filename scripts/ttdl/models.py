@@ -93,9 +93,10 @@ def build_model(name: str, num_classes: int, weights: str | None = None,
     if backbone_weights:
         path = Path(backbone_weights)
         state = _state_dict_from(load_torch(path), path)
-        missing, unexpected = model.net.backbone.load_state_dict(state, strict=False)
-        if len(missing) == len(model.net.backbone.state_dict()):
-            raise RuntimeError(f"{path}: no key matches the {name} backbone (unexpected e.g. {unexpected[:3]})")
+        backbone = model.net.backbone
+        if not set(state) & set(backbone.state_dict()):
+            raise RuntimeError(f"{path}: no key matches the {name} backbone (its keys are e.g. {list(state)[:3]})")
+        backbone.load_state_dict(state, strict=False)
     if weights:
         path = Path(weights)
         state = _state_dict_from(load_torch(path), path)

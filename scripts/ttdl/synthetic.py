@@ -161,9 +161,17 @@ def render_sample(index: int, spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarr
             continue
         img[mask] = _texture(name, xx, yy, rng)[mask]
         label[mask] = cls  # later objects occlude earlier ones
+    while not label.any():  # every draw was too small: place one object that fits
+        cls = int(rng.integers(1, len(CLASS_NAMES)))
+        cx, cy = rng.uniform(0.3 * size, 0.7 * size, 2)
+        mask = _shape_mask(CLASS_NAMES[cls], xx, yy, cx, cy, rng.uniform(0.2, 0.3) * size, rng.uniform(0, 2 * math.pi))
+        img[mask] = _texture(CLASS_NAMES[cls], xx, yy, rng)[mask]
+        label[mask] = cls
     img = np.clip(img + rng.normal(0, 0.03, img.shape), 0, 1)
     if rng.random() < spec.void_boundary_prob:
-        label = _void_boundaries(label)
+        voided = _void_boundaries(label)
+        if ((voided != 0) & (voided != VOID)).any():  # never void away every object pixel
+            label = voided
     return (img * 255).round().astype(np.uint8), label
 
 

@@ -152,6 +152,8 @@ class Trainer:
         self.epoch = self.step = self.step_in_epoch = 0
         self.best_miou, self.best_epoch, self.wall_time, self.done = -1.0, -1, 0.0, False
         self.history = History()
+        self.epoch_sums: dict[str, float] = {}  # running sums of the current epoch (resumed with it)
+        self.epoch_count = 0
         self.bar = progress_bar(tc["progress"])
         self._kill_at = int(os.environ.get("TTDL_DEBUG_KILL_AT_STEP", "0"))
         self.fingerprint = run_fingerprint(run, init_weights, cache_path, encoder_path)
@@ -178,6 +180,7 @@ class Trainer:
             "epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
             "best_miou": self.best_miou, "best_epoch": self.best_epoch, "wall_time": self.wall_time,
             "done": self.done, "history": self.history.rows, "rng": torch.get_rng_state(),
+            "epoch_sums": self.epoch_sums, "epoch_count": self.epoch_count,
         }
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state()
@@ -201,7 +204,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        for key in ("epoch", "step", "step_in_epoch", "best_miou", "best_epoch", "wall_time", "done"):
+        for key in ("epoch", "step", "step_in_epoch", "best_miou", "best_epoch", "wall_time", "done",
+                    "epoch_sums", "epoch_count"):
             setattr(self, key, state[key])
         self.history.rows = state["history"]
         torch.set_rng_state(state["rng"])
@@ -275,8 +279,9 @@ class Trainer:
     def _run_epoch(self, writer) -> None:
         started = time.time()
         loader = self.epoch_loader(self.epoch, skip=self.step_in_epoch)
-        sums: dict[str, float] = {}
-        count = 0
+        if self.step_in_epoch == 0:
+            self.epoch_sums, self.epoch_count = {}, 0
+        sums = self.epoch_sums
         if self.objective is not None:
             self.objective.start_epoch(self.epoch)
         bar = self.bar(loader, total=len(loader),
@@ -285,7 +290,7 @@ class Trainer:
             logs = self.train_step(batch)
             self.step += 1
             self.step_in_epoch += 1
-            count += 1
+            self.epoch_count += 1
             for key, value in logs.items():
                 if not key.startswith("text/"):  # text counters enter the CSV as epoch totals
                     sums[key] = sums.get(key, 0.0) + value
@@ -301,7 +306,7 @@ class Trainer:
         metrics = self.validate()
         self.wall_time += time.time() - started
         row = {"epoch": self.epoch + 1, "step": self.step}
-        row |= {f"train_{k}": v / max(count, 1) for k, v in sums.items() if k != "lr"}
+        row |= {f"train_{k}": v / max(self.epoch_count, 1) for k, v in sums.items() if k != "lr"}
         row |= {"lr": self.scheduler.get_last_lr()[0], "val_miou": metrics["miou"],
                 "val_pixel_acc": metrics["pixel_acc"], "wall_time_s": round(self.wall_time, 2)}
         if self.objective is not None:

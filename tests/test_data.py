@@ -1,0 +1,209 @@
+"""The VOC-layout loader on a hand-written VOC folder and on the synthetic set."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from ttdl.data import DatasetError, SegmentationFolder, read_class_names, read_split, resize_and_crop
+
+VOID = 255
+# a hand-made palette (not the generator's): class k -> (40k, 255 - 40k, 7k), void -> light grey
+PALETTE = [c for k in range(256) for c in ((40 * k) % 256, (255 - 40 * k) % 256, (7 * k) % 256)]
+PALETTE[VOID * 3:VOID * 3 + 3] = [224, 224, 192]
+
+
+def block_labels(h: int, w: int) -> np.ndarray:
+    """Labels constant on 2x2 blocks, so a factor-2 nearest downscale is exact; 7 stands for void."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    lab = ((yy // 2) * 3 + (xx // 2)) % 8
+    return np.where(lab == 7, VOID, lab).astype(np.uint8)
+
+
+def write_voc_sample(root: Path, uid: str, image: np.ndarray, label: np.ndarray) -> None:
+    Image.fromarray(image, mode="RGB").save(root / "JPEGImages" / f"{uid}.jpg", quality=95)
+    png = Image.fromarray(label, mode="P")
+    png.putpalette(PALETTE)
+    png.save(root / "SegmentationClass" / f"{uid}.png")
+
+
+@pytest.fixture
+def voc(tmp_path) -> Path:
+    """A VOC2012-like folder: JPEGImages/*.jpg, SegmentationClass/*.png, ImageSets/Segmentation/train.txt.
+
+    - wide:   40x60 (h x w), red channel = 4 * x (a horizontal ramp), block labels
+    - tall:   45x30, labels in vertical stripes (non-integer resize factor)
+    - square: 20x20, already at the target size
+    """
+    root = tmp_path / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True)
+    h, w = 40, 60
+    wide = np.zeros((h, w, 3), np.uint8)
+    wide[..., 0] = (np.arange(w) * 4)[None, :]
+    wide[..., 1] = 90
+    write_voc_sample(root, "2007_000001", wide, block_labels(h, w))
+    tall_label = np.zeros((45, 30), np.uint8)
+    for x0, cls in ((0, 0), (5, 3), (11, VOID), (13, 15), (20, 1), (26, 0)):
+        tall_label[:, x0:] = cls
+    write_voc_sample(root, "2007_000002", np.full((45, 30, 3), 128, np.uint8), tall_label)
+    write_voc_sample(root, "2007_000003", np.full((20, 20, 3), 30, np.uint8), block_labels(20, 20))
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000001\n2007_000002\n2007_000003\n")
+    return root
+
+
+def folder(root: Path, **kwargs) -> SegmentationFolder:
+    return SegmentationFolder(root, "train", **({"resize": 20, "crop": 16} | kwargs))
+
+
+# ---- reading, resizing, cropping ---------------------------------------------
+
+def test_reads_voc_layout(voc) -> None:
+    ds = folder(voc)
+    assert len(ds) == 3 and ds.uids == ["2007_000001", "2007_000002", "2007_000003"]
+    batch = next(iter(DataLoader(ds, batch_size=3)))
+    assert batch["uid"] == ds.uids
+    assert batch["image"].shape == (3, 3, 16, 16) and batch["image"].dtype == torch.float32
+    assert batch["mask"].shape == (3, 16, 16) and batch["mask"].dtype == torch.int64
+    assert 0.0 <= float(batch["image"].min()) and float(batch["image"].max()) <= 1.0
+
+
+def test_non_square_image_is_resized_on_the_shorter_side_and_centre_cropped(voc) -> None:
+    """40x60 -> shorter side 20 -> 20x30 -> centre 16x16: rows 2..17, columns 7..22."""
+    sample = folder(voc)[0]
+    assert sample["uid"] == "2007_000001"
+    top, left = (20 - 16) // 2, (30 - 16) // 2
+    resized = block_labels(40, 60)[::2, ::2]  # exact for labels constant on 2x2 blocks
+    expected = torch.from_numpy(resized[top:top + 16, left:left + 16].astype(np.int64))
+    assert torch.equal(sample["mask"], expected)
+    # the image went through the same geometry: the red ramp 4*x (x in the original) at
+    # resized column c is about 4 * (2c + 0.5); after the crop c = j + left
+    red = sample["image"][0].mean(0) * 255
+    want = torch.tensor([4 * (2 * (j + left) + 0.5) for j in range(16)])
+    assert torch.allclose(red, want, atol=6.0), (red, want)
+    assert torch.allclose(sample["image"][1], torch.full((16, 16), 90 / 255), atol=0.03)
+
+
+def test_labels_stay_class_ids_after_a_non_integer_resize(voc) -> None:
+    sample = folder(voc)[1]  # 45x30 -> 30x20 (factor 2/3), crop 16
+    assert sample["mask"].dtype == torch.int64
+    original = {0, 3, VOID, 15, 1}
+    values = set(sample["mask"].unique().tolist())
+    assert values <= original, values  # nearest: no blended ids such as 2 or 129
+    assert len(values) >= 4
+    # vertical stripes stay vertical stripes
+    assert torch.equal(sample["mask"], sample["mask"][:1].expand(16, 16))
+
+
+def test_square_image_at_target_size_is_only_cropped(voc) -> None:
+    sample = folder(voc)[2]
+    expected = torch.from_numpy(block_labels(20, 20)[2:18, 2:18].astype(np.int64))
+    assert torch.equal(sample["mask"], expected)
+
+
+@pytest.mark.parametrize("h, w, resize, crop", [(40, 60, 20, 16), (45, 30, 20, 20), (32, 32, 32, 32),
+                                                (32, 32, 32, 48), (40, 60, 40, 48), (20, 50, 30, 40)])
+def test_resize_and_crop_always_returns_a_crop_square(h, w, resize, crop) -> None:
+    """'Shorter side to `resize`, then a centred `crop` square' -- also when crop > resize."""
+    image, label = resize_and_crop(torch.rand(3, h, w), torch.zeros(h, w, dtype=torch.long), resize, crop)
+    assert tuple(image.shape) == (3, crop, crop) and tuple(label.shape) == (crop, crop)
+
+
+def test_synthetic_set_through_the_same_loader(tiny_data) -> None:
+    ds = SegmentationFolder(tiny_data, "val", resize=48, crop=48)
+    sample = ds[0]
+    assert sample["image"].shape == (3, 48, 48) and sample["mask"].shape == (48, 48)
+    with Image.open(tiny_data / "SegmentationClass" / f"{sample['uid']}.png") as png:
+        assert torch.equal(sample["mask"], torch.from_numpy(np.array(png).astype(np.int64)))
+
+
+# ---- deterministic flips -----------------------------------------------------
+
+def test_hflip_is_a_function_of_seed_epoch_and_uid(voc) -> None:
+    plain = folder(voc)
+    flips = {}
+    for seed in (0, 1):
+        a, b = folder(voc, hflip=True, seed=seed), folder(voc, hflip=True, seed=seed)
+        for epoch in range(8):
+            a.set_epoch(epoch)
+            b.set_epoch(epoch)
+            for index in (2, 0, 1):  # order does not matter
+                x, y, ref = a[index], b[index], plain[index]
+                assert torch.equal(x["image"], y["image"]) and torch.equal(x["mask"], y["mask"])
+                same = torch.equal(x["mask"], ref["mask"]) and torch.equal(x["image"], ref["image"])
+                flipped = (torch.equal(x["mask"], ref["mask"].flip(-1))
+                           and torch.equal(x["image"], ref["image"].flip(-1)))
+                assert same != flipped, "image and mask must be flipped together or not at all"
+                flips[(seed, epoch, x["uid"])] = flipped
+    # the coin varies over epochs and seeds (a constant would pass everything above)
+    assert 0 < sum(flips.values()) < len(flips)
+    assert any(flips[(0, e, u)] != flips[(1, e, u)] for (_, e, u) in flips)
+    # without hflip nothing is ever flipped
+    off = folder(voc, hflip=False)
+    off.set_epoch(3)
+    assert torch.equal(off[0]["mask"], plain[0]["mask"])
+
+
+# ---- failures name the file --------------------------------------------------
+
+def test_missing_image_names_the_file(voc) -> None:
+    (voc / "JPEGImages" / "2007_000002.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"JPEGImages[/\\]2007_000002\.jpg"):
+        folder(voc)
+
+
+def test_missing_label_names_the_file(voc) -> None:
+    (voc / "SegmentationClass" / "2007_000003.png").unlink()
+    with pytest.raises(DatasetError, match=r"SegmentationClass[/\\]2007_000003\.png"):
+        folder(voc)
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated"])
+def test_corrupt_png_names_the_file(voc, how) -> None:
+    path = voc / "SegmentationClass" / "2007_000001.png"
+    data = path.read_bytes()
+    path.write_bytes(b"this is not a png" if how == "garbage" else data[: len(data) // 2])
+    ds = folder(voc)
+    assert torch.is_tensor(ds[1]["mask"])  # other samples still load
+    with pytest.raises(DatasetError) as info:
+        ds[0]
+    assert str(path) in str(info.value)
+
+
+def test_rgb_label_map_is_rejected_with_the_file(voc) -> None:
+    path = voc / "SegmentationClass" / "2007_000003.png"
+    Image.new("RGB", (20, 20), (128, 0, 0)).save(path)
+    with pytest.raises(DatasetError, match="2007_000003.png.*palette"):
+        folder(voc)[2]
+
+
+def test_size_mismatch_names_both_files(voc) -> None:
+    Image.new("RGB", (21, 20)).save(voc / "JPEGImages" / "2007_000003.jpg")
+    with pytest.raises(DatasetError) as info:
+        folder(voc)[2]
+    assert "2007_000003.jpg" in str(info.value) and "2007_000003.png" in str(info.value)
+
+
+def test_missing_split_list_says_what_to_do(voc) -> None:
+    with pytest.raises(DatasetError) as info:
+        SegmentationFolder(voc, "val", resize=20, crop=16)
+    message = str(info.value)
+    assert str(voc / "ImageSets" / "Segmentation" / "val.txt") in message
+    assert "snakemake" in message and "data.root" in message
+
+
+def test_empty_split_list_is_an_error(voc) -> None:
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("\n\n")
+    with pytest.raises(DatasetError, match="empty"):
+        read_split(voc, "val")
+
+
+def test_class_names_from_config_or_classes_txt(voc, tiny_data) -> None:
+    assert read_class_names(voc, ["bg", "cat"]) == ["bg", "cat"]
+    assert read_class_names(tiny_data, None)[:2] == ["background", "circle"]
+    with pytest.raises(DatasetError, match="classes.txt"):
+        read_class_names(voc, None)
