@@ -9,6 +9,7 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch
 
 from ttdl.config import deep_merge, resolve_run, validate_config
 from ttdl.synthetic import SyntheticSpec, generate
@@ -72,3 +73,12 @@ def tiny_config(tiny_data):
     def factory(runs: dict | None = None, **sections) -> dict:
         return make_tiny_config(tiny_data, runs, **sections)
     return factory
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """A shared 2-core box: OpenMP spin-waits make multi-threaded steps far slower under load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -42,13 +42,7 @@ def synthetic_pairs(n: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
     return torch.stack(images), texts
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A shared 2-core box: OpenMP spin-waits make multi-threaded steps 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_adaptation_beats_before_and_chance():

@@ -13,13 +13,7 @@ import ttdl.encoders as E
 from ttdl.encoders import build_encoder, load_adapted, minilm_model_dir, save_adapted
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A shared 2-core box: OpenMP spin-waits make multi-threaded steps 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
