@@ -110,3 +110,20 @@ def test_prefill_records_every_significant_pair_without_text(tiny_run, tmp_path)
     warm = Trainer(run, tmp_path / "warm", cache_path=str(tmp_path / "prefill.pt"), log=lambda *_: None)
     assert len(warm.objective.cache) == info["keys"]
     assert all(key in warm.objective.cache for key in state["keys"])
+
+
+def test_shuffled_control_moves_every_text_to_another_pair():
+    from ttdl.objectives import TextItems, shuffle_texts
+
+    items = TextItems([0, 1, 2, 3], ["a", "b", "c", "d"], [True] * 4)
+    moved = shuffle_texts(items, torch.Generator().manual_seed(0))
+    assert sorted(moved.texts) == ["a", "b", "c", "d"]
+    assert all(new != old for new, old in zip(moved.texts, items.texts))
+    assert moved.positions == items.positions
+
+
+def test_class_name_control_and_lambda0_is_ce(tiny_run, tmp_path):
+    trainer = text_trainer(tiny_run, tmp_path, {"name": "grouped_siglip", "text": "class_name", "lambda": 0.0})
+    logs = trainer.train_step(first_batch(trainer))
+    assert logs["text/describer_calls"] == 0 and logs["text/texts"] > 0
+    assert logs["loss"] == pytest.approx(logs["ce"], rel=1e-6)  # lambda 0: the aux term carries no weight

@@ -71,6 +71,7 @@ def validate_config(config: dict, source: str = "config") -> dict:
     """Validate in place (filling defaults), then check every run resolves; returns config."""
     schema = load_schema()
     _validate(config, schema, source)
+    expand_seeds(config)
     runs = config["runs"]
     for run_id, run in runs.items():
         init = run.get("init")
@@ -87,11 +88,44 @@ def validate_config(config: dict, source: str = "config") -> dict:
         if adapted_by is not None and adapted_by not in config["adaptations"]:
             raise ConfigError(f"invalid config ({source}):\n  - runs.{run_id}.encoder.adapted_by: "
                               f"{adapted_by!r} is not an adaptation id")
+    for run_id, run in runs.items():
+        if run.get("baseline") is not None and run["baseline"] not in runs:
+            raise ConfigError(f"invalid config ({source}):\n  - runs.{run_id}.baseline: {run['baseline']!r} is not a run id")
     for run_id in config["summary"]:
         if run_id not in runs:
             raise ConfigError(f"invalid config ({source}):\n  - summary: {run_id!r} is not a run id")
     _check_acyclic(runs, source)
     return config
+
+
+def seed_run_id(run_id: str, seed_index: int, seeds: list[int]) -> str:
+    """The first seed keeps the plain id (results/{run}/...); others live under {run}/seed{n}."""
+    return run_id if seed_index == 0 else f"{run_id}/seed{seeds[seed_index]}"
+
+
+def seed_runs(config: dict, run_id: str) -> list[str]:
+    """All ids of one experiment across the configured seeds."""
+    seeds = config["seeds"]
+    return [seed_run_id(run_id, i, seeds) for i in range(len(seeds))]
+
+
+def expand_seeds(config: dict) -> None:
+    """Add one run per extra seed, chained to the same seed of its init run (idempotent)."""
+    seeds = config["seeds"]
+    runs = config["runs"]
+    for run_id, run in list(runs.items()):
+        if run.get("seed_of") is not None:
+            continue
+        run.setdefault("train", {})["seed"] = seeds[0]
+        for index in range(1, len(seeds)):
+            copy_ = copy.deepcopy(run)
+            copy_["seed_of"] = run_id
+            copy_["train"]["seed"] = seeds[index]
+            if run.get("init") is not None:
+                copy_["init"] = seed_run_id(run["init"], index, seeds)
+            if run.get("baseline") is not None:
+                copy_["baseline"] = seed_run_id(run["baseline"], index, seeds)
+            runs.setdefault(seed_run_id(run_id, index, seeds), copy_)
 
 
 def _check_acyclic(runs: dict, source: str) -> None:
@@ -125,7 +159,8 @@ def resolve_run(config: dict, run_id: str, source: str = "config") -> dict:
         raise ConfigError(f"unknown run {run_id!r} ({source}); known: {', '.join(config['runs'])}")
     run = config["runs"][run_id]
     resolved = {"run_id": run_id, "init": run.get("init"), "prefill": run.get("prefill", False),
-                "description": run.get("description", "")}
+                "description": run.get("description", ""), "baseline": run.get("baseline"),
+                "seed_of": run.get("seed_of")}
     defs = load_schema()["definitions"]
     for section in SHARED_SECTIONS:
         if section not in config:

@@ -100,6 +100,31 @@ class SyntheticTexts:
         return TextItems(list(range(len(pairs))), texts, [True] * len(pairs))
 
 
+class ClassNameTexts:
+    """Control: a text that names the class and diagnoses nothing."""
+
+    TEMPLATE = "a photo region of {name}"
+
+    def __init__(self, class_names: list[str]):
+        self.class_names = class_names
+
+    def __call__(self, tb: TextBatch, counters: Counters) -> TextItems:
+        texts = [self.TEMPLATE.format(name=self.class_names[c]) for c in tb.classes]
+        return TextItems(list(range(len(texts))), texts, [True] * len(texts))
+
+
+def shuffle_texts(items: TextItems, generator: torch.Generator) -> TextItems:
+    """Control: each text moves to a random other pair of the step (a cyclic shift of a random order)."""
+    n = len(items.texts)
+    if n < 2:
+        return items
+    order = torch.randperm(n, generator=generator).tolist()
+    moved = list(items.texts)
+    for i in range(n):
+        moved[order[i]] = items.texts[order[(i + 1) % n]]
+    return TextItems(items.positions, moved, items.fresh)
+
+
 # ---- the objective -------------------------------------------------------------------
 
 class TextObjective(nn.Module):
@@ -113,6 +138,7 @@ class TextObjective(nn.Module):
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.describer_size = run["describer"]["image_size"]
         self.epoch_counters, self.total = Counters(), Counters()
+        self.shuffle_generator = torch.Generator().manual_seed(run["train"]["seed"])
 
     def forward(self, batch, images, masks, logits, bottleneck, pixel_ce, valid):
         pr = logits.detach().argmax(1)
@@ -121,6 +147,8 @@ class TextObjective(nn.Module):
                               include_predicted=self.cfg["include_predicted_classes"])
         step = Counters(pairs=len(tb.keys))
         items = self.source(tb, step)
+        if self.cfg["shuffle_texts"]:
+            items = shuffle_texts(items, self.shuffle_generator)
         step.texts = len(items.texts)
         encoder = self.encoder[0]
         if items.texts:
@@ -145,12 +173,13 @@ class TextObjective(nn.Module):
 
     def state_dict_full(self) -> dict:
         counters = {name: getattr(self.total, name) for name in Counters.__dataclass_fields__}
-        return {"head": self.head.state_dict(), "total": counters,
+        return {"head": self.head.state_dict(), "total": counters, "shuffle_rng": self.shuffle_generator.get_state(),
                 "cache": self.cache.state_dict() if self.cache is not None else None}
 
     def load_state_dict_full(self, state: dict) -> None:
         self.head.load_state_dict(state["head"])
         self.total = Counters(**state["total"])
+        self.shuffle_generator.set_state(state["shuffle_rng"])
         if self.cache is not None and state["cache"] is not None:
             self.cache.load_state_dict(state["cache"], source="training state")
 
@@ -203,6 +232,8 @@ def build_objective(run: dict, trainer, cache_path: str | None, adapted_path: st
             cache.load_state_dict(load_torch(cache_path), source=cache_path)
         describer = build_describer_for(run, class_names, trainer.train_set)
         source = DescriberTexts(describer, cache, class_names)
+    elif cfg["text"] == "class_name":
+        source = ClassNameTexts(class_names)
     else:
         source = SyntheticTexts(class_names, ignore)
     head = HEADS[cfg["name"]](cfg, encoder.embed_dim, trainer.model.bottleneck_channels, encoder)

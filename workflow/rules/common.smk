@@ -1,7 +1,7 @@
 # Helpers that turn the validated config into file paths and job parameters.
 import re
 
-from ttdl.config import resolve_adaptation, resolve_run, to_json
+from ttdl.config import resolve_adaptation, resolve_run, seed_runs, to_json
 
 RUNS = list(config["runs"])
 
@@ -63,3 +63,22 @@ def encoder_input(wildcards):
 def optional_arg(flag, files):
     return f"{flag} {files[0]}" if files else ""
 
+
+
+def summary_experiments():
+    """The results table's experiments with their per-seed run folders (and baseline's)."""
+    table = []
+    for experiment in config["summary"]:
+        baseline = config["runs"][experiment].get("baseline")
+        table.append({
+            "experiment": experiment,
+            "runs": [f"results/{r}" for r in seed_runs(config, experiment)],
+            "baseline": baseline,
+            "baseline_runs": [f"results/{r}" for r in seed_runs(config, baseline)] if baseline else [],
+        })
+    return table
+
+
+def summary_inputs(wildcards):
+    folders = {d for e in summary_experiments() for d in e["runs"] + e["baseline_runs"]}
+    return sorted(f"{d}/{name}" for d in folders for name in ("eval.json", "summary.json"))

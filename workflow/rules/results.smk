@@ -22,15 +22,15 @@ rule evaluate:
 rule summarize:
     input:
         script="scripts/summarize.py",
-        results=expand("results/{run}/{name}", run=config["summary"], name=["eval.json", "summary.json"]),
+        results=summary_inputs,
     output:
         csv="results/summary.csv",
         md="results/summary.md",
     params:
-        runs=expand("results/{run}", run=config["summary"]),
+        experiments=lambda wildcards: to_json(summary_experiments()),
     log:
         "logs/summarize.log",
     benchmark:
         "benchmarks/summarize.tsv"
     shell:
-        "python {input.script} --runs {params.runs} --csv {output.csv} --md {output.md} > {log} 2>&1"
+        "python {input.script} --experiments-json {params.experiments:q} --csv {output.csv} --md {output.md} > {log} 2>&1"
