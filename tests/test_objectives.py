@@ -127,3 +127,13 @@ def test_class_name_control_and_lambda0_is_ce(tiny_run, tmp_path):
     logs = trainer.train_step(first_batch(trainer))
     assert logs["text/describer_calls"] == 0 and logs["text/texts"] > 0
     assert logs["loss"] == pytest.approx(logs["ce"], rel=1e-6)  # lambda 0: the aux term carries no weight
+
+
+def test_contrastive_validation_goes_through_its_own_cache(tiny_run, tmp_path):
+    trainer = text_trainer(tiny_run, tmp_path, {"name": "grouped_siglip", "contrastive_validation": True}, lr=1e-12)
+    first = trainer.validate()["text"]
+    assert first["val_describer_calls"] > 0 and math.isfinite(first["val_aux"])
+    second = trainer.validate()["text"]  # the model did not change: every val mask is cached
+    assert second["val_describer_calls"] == 0 and second["val_cache_hit_rate"] == 1.0
+    assert second["val_aux"] == pytest.approx(first["val_aux"], rel=1e-5)
+    assert len(trainer.objective.cache) == 0  # the training cache is untouched

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .cache import MaskTextCache, cache_from_config
@@ -129,8 +130,9 @@ def shuffle_texts(items: TextItems, generator: torch.Generator) -> TextItems:
 
 class TextObjective(nn.Module):
     def __init__(self, run: dict, head: nn.Module, source, encoder, cache: MaskTextCache | None,
-                 describer, num_classes: int, ignore_index: int):
+                 describer, num_classes: int, ignore_index: int, val_source=None, val_cache=None):
         super().__init__()
+        self.val_source, self.val_cache = val_source or source, val_cache
         cfg = run["objective"]
         self.cfg, self.head = cfg, head
         self.lam, self.mix = cfg["lambda"], cfg["mix"]
@@ -140,14 +142,14 @@ class TextObjective(nn.Module):
         self.epoch_counters, self.total = Counters(), Counters()
         self.shuffle_generator = torch.Generator().manual_seed(run["train"]["seed"])
 
-    def forward(self, batch, images, masks, logits, bottleneck, pixel_ce, valid):
+    def _aux(self, uids, images, masks, logits, bottleneck, pixel_ce, valid, source, shuffle: bool):
         pr = logits.detach().argmax(1)
-        tb = build_text_batch(list(batch["uid"]), images, masks, pr, size=self.describer_size,
+        tb = build_text_batch(list(uids), images, masks, pr, size=self.describer_size,
                               num_classes=self.num_classes, ignore_index=self.ignore_index,
                               include_predicted=self.cfg["include_predicted_classes"])
         step = Counters(pairs=len(tb.keys))
-        items = self.source(tb, step)
-        if self.cfg["shuffle_texts"]:
+        items = source(tb, step)
+        if shuffle:
             items = shuffle_texts(items, self.shuffle_generator)
         step.texts = len(items.texts)
         encoder = self.encoder[0]
@@ -157,9 +159,37 @@ class TextObjective(nn.Module):
         else:
             emb = torch.zeros((0, encoder.embed_dim), device=bottleneck.device)
         aux = self.head(tb=tb, items=items, emb=emb, bottleneck=bottleneck, pixel_ce=pixel_ce, valid=valid)
+        return aux, step
+
+    def forward(self, batch, images, masks, logits, bottleneck, pixel_ce, valid):
+        aux, step = self._aux(batch["uid"], images, masks, logits, bottleneck, pixel_ce, valid,
+                              self.source, self.cfg["shuffle_texts"])
         self.epoch_counters.add(step)
         self.total.add(step)
         return aux, step.as_logs()
+
+    @torch.no_grad()
+    def validation_logs(self, model, loader, device, amp_dtype) -> dict:
+        """Aux loss on the val split (3.5's contrastive validation), through its own cache.
+
+        The seed re-described the whole validation set every epoch; here unchanged val
+        masks keep their cached text, so later epochs cost few describer calls.
+        """
+        model.eval()
+        total, batches, counters = 0.0, 0, Counters()
+        for batch in loader:
+            images, masks = batch["image"].to(device), batch["mask"].to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits, bottleneck = model(images)
+            pixel_ce = F.cross_entropy(logits.float(), masks, ignore_index=self.ignore_index, reduction="none")
+            aux, step = self._aux(batch["uid"], images, masks, logits, bottleneck, pixel_ce,
+                                  masks != self.ignore_index, self.val_source, shuffle=False)
+            total += aux.item()
+            batches += 1
+            counters.add(step)
+        logs = counters.as_logs("val_")
+        return {"val_aux": total / max(batches, 1), "val_describer_calls": logs["val_describer_calls"],
+                "val_cache_hit_rate": logs["val_cache_hit_rate"]}
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch_counters = Counters()
@@ -174,7 +204,8 @@ class TextObjective(nn.Module):
     def state_dict_full(self) -> dict:
         counters = {name: getattr(self.total, name) for name in Counters.__dataclass_fields__}
         return {"head": self.head.state_dict(), "total": counters, "shuffle_rng": self.shuffle_generator.get_state(),
-                "cache": self.cache.state_dict() if self.cache is not None else None}
+                "cache": self.cache.state_dict() if self.cache is not None else None,
+                "val_cache": self.val_cache.state_dict() if self.val_cache is not None else None}
 
     def load_state_dict_full(self, state: dict) -> None:
         self.head.load_state_dict(state["head"])
@@ -182,6 +213,8 @@ class TextObjective(nn.Module):
         self.shuffle_generator.set_state(state["shuffle_rng"])
         if self.cache is not None and state["cache"] is not None:
             self.cache.load_state_dict(state["cache"], source="training state")
+        if self.val_cache is not None and state.get("val_cache") is not None:
+            self.val_cache.load_state_dict(state["val_cache"], source="training state")
 
     def close(self) -> None:
         if self.describer is not None:
@@ -225,17 +258,21 @@ def build_objective(run: dict, trainer, cache_path: str | None, adapted_path: st
     class_names, ignore = trainer.class_names, trainer.ignore_index
     encoder = build_encoder(encoder_config(run, adapted_path)).to(trainer.device).eval()
     encoder.requires_grad_(False)
-    cache = describer = None
+    cache = describer = val_cache = val_source = None
     if cfg["text"] == "describer":
         cache = cache_from_config(run["cache"])
         if cache_path:
             cache.load_state_dict(load_torch(cache_path), source=cache_path)
         describer = build_describer_for(run, class_names, trainer.train_set)
         source = DescriberTexts(describer, cache, class_names)
+        if cfg["contrastive_validation"]:
+            val_cache = cache_from_config(run["cache"])
+            val_source = DescriberTexts(describer, val_cache, class_names)
     elif cfg["text"] == "class_name":
         source = ClassNameTexts(class_names)
     else:
         source = SyntheticTexts(class_names, ignore)
     head = HEADS[cfg["name"]](cfg, encoder.embed_dim, trainer.model.bottleneck_channels, encoder)
-    objective = TextObjective(run, head, source, encoder, cache, describer, trainer.num_classes, ignore)
+    objective = TextObjective(run, head, source, encoder, cache, describer, trainer.num_classes, ignore,
+                              val_source, val_cache)
     return objective.to(trainer.device)

@@ -254,11 +254,17 @@ class Trainer:
         return DataLoader(self.train_set, batch_sampler=batches, num_workers=self.tc["num_workers"],
                           pin_memory=self.device.type == "cuda")
 
+    def val_loader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.tc["eval_batch_size"], shuffle=False,
+                          num_workers=self.tc["num_workers"])
+
     def validate(self) -> dict:
-        loader = DataLoader(self.val_set, batch_size=self.tc["eval_batch_size"], shuffle=False,
-                            num_workers=self.tc["num_workers"])
-        return evaluate(self.model, loader, self.num_classes, self.ignore_index, self.device,
-                        self.amp_dtype, self.class_names, self.bar)
+        metrics = evaluate(self.model, self.val_loader(), self.num_classes, self.ignore_index, self.device,
+                           self.amp_dtype, self.class_names, self.bar)
+        if self.objective is not None and self.objective.cfg["contrastive_validation"]:
+            metrics["text"] = self.objective.validation_logs(self.model, self.val_loader(), self.device,
+                                                             self.amp_dtype)
+        return metrics
 
     def fit(self) -> dict:
         from torch.utils.tensorboard import SummaryWriter
@@ -310,7 +316,7 @@ class Trainer:
         row |= {"lr": self.scheduler.get_last_lr()[0], "val_miou": metrics["miou"],
                 "val_pixel_acc": metrics["pixel_acc"], "wall_time_s": round(self.wall_time, 2)}
         if self.objective is not None:
-            row |= self.objective.epoch_logs()
+            row |= self.objective.epoch_logs() | metrics.get("text", {})
         self.history.rows.append(row)
         for key in ("val_miou", "val_pixel_acc"):
             writer.add_scalar(f"val/{key[4:]}", row[key], self.epoch + 1)
