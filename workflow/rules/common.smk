@@ -82,3 +82,8 @@ def summary_experiments():
 def summary_inputs(wildcards):
     folders = {d for e in summary_experiments() for d in e["runs"] + e["baseline_runs"]}
     return sorted(f"{d}/{name}" for d in folders for name in ("eval.json", "summary.json"))
+
+
+def job_threads(wildcards):
+    """A job's CPU threads are its run's train.threads (1 by default: jobs run side by side)."""
+    return run_settings(wildcards.run)["train"]["threads"]

@@ -14,7 +14,7 @@ rule evaluate:
         "logs/evaluate/{run}.log",
     benchmark:
         "benchmarks/evaluate/{run}.tsv"
-    threads: 2
+    threads: job_threads
     shell:
         "python {input.script} --run-json {params.run:q} --weights {input.weights} --out {output} > {log} 2>&1"
 

@@ -15,7 +15,7 @@ rule adapt_encoder:
         "logs/adapt_encoder/{adaptation}.log",
     benchmark:
         "benchmarks/adapt_encoder/{adaptation}.tsv"
-    threads: 2
+    threads: config["train"]["threads"]
     resources:
         gpu=1,
     shell:
@@ -35,7 +35,7 @@ rule prefill_cache:
         "logs/prefill_cache/{run}.log",
     benchmark:
         "benchmarks/prefill_cache/{run}.tsv"
-    threads: 2
+    threads: job_threads
     resources:
         gpu=1,
     shell:

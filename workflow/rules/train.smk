@@ -20,7 +20,7 @@ rule train:
         "logs/train/{run}.log",
     benchmark:
         "benchmarks/train/{run}.tsv"
-    threads: 2
+    threads: job_threads
     resources:
         gpu=1,
     shell:
