@@ -8,7 +8,7 @@ CONFIG ?= config/config.yaml
 SNAKEMAKE = $(VENV)/bin/snakemake --cores $(CORES) --configfile=$(CONFIG)
 STAMP = $(VENV)/.installed
 
-.PHONY: all test venv dry-run lint bench clean clean-cache help
+.PHONY: all test venv dry-run lint bench report clean clean-cache help
 
 all: $(STAMP)  ## run the whole experiment matrix (results/summary.md)
 	$(SNAKEMAKE) all
@@ -24,6 +24,10 @@ $(STAMP): envs/requirements.txt envs/requirements-nodeps.txt
 	$(VENV)/bin/python -m pip install --quiet -r envs/requirements.txt
 	$(VENV)/bin/python -m pip install --quiet --no-deps -r envs/requirements-nodeps.txt
 	touch $(STAMP)
+
+report: $(STAMP)  ## figures, qualitative panels and the HTML report (results/report.html)
+	$(SNAKEMAKE) report_inputs
+	$(SNAKEMAKE) report_inputs --report results/report.html
 
 dry-run: $(STAMP)  ## show the jobs `make all` would run
 	$(SNAKEMAKE) -n all

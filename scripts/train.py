@@ -13,11 +13,13 @@ def main() -> None:
     parser.add_argument("--init", help="weights.pth to start from (the run's init)")
     parser.add_argument("--cache", help="prefilled mask-text cache to start from")
     parser.add_argument("--encoder", help="adapted text/image encoder (vle/1 output)")
+    parser.add_argument("--concat-adapter", help="GT_PR concat adapter (vle/2 output), for the B_PR runs")
     args = parser.parse_args()
     run = resolved_run(args)
     log = setup_logging()
     summary = Trainer(run, args.out, init_weights=args.init, cache_path=args.cache,
-                      encoder_path=args.encoder, log=log.info).fit()
+                      encoder_path=args.encoder,
+                      concat_path=args.concat_adapter, log=log.info).fit()
     log.info("done: best val mIoU %.4f at epoch %d", summary["best_val_miou"], summary["best_epoch"])
 
 

@@ -137,3 +137,19 @@ def test_contrastive_validation_goes_through_its_own_cache(tiny_run, tmp_path):
     assert second["val_describer_calls"] == 0 and second["val_cache_hit_rate"] == 1.0
     assert second["val_aux"] == pytest.approx(first["val_aux"], rel=1e-5)
     assert len(trainer.objective.cache) == 0  # the training cache is untouched
+
+
+@pytest.mark.parametrize("objective", [
+    {"name": "paired_negatives", "negatives": 2},
+    {"name": "bside", "mix": "additive", "embedding_norm": "l2", "detach_bottleneck": True},
+    {"name": "bside", "adapter": "attn_pool"},
+])
+def test_issue4_heads_train_through_the_loop(tiny_run, tmp_path, objective):
+    trainer = text_trainer(tiny_run, tmp_path, objective)
+    logs = trainer.train_step(first_batch(trainer))
+    assert logs["text/texts"] > 0 and math.isfinite(logs["aux"]) and logs["aux"] > 0
+
+
+def test_b_pr_head_needs_the_vle2_adapter(tiny_run, tmp_path):
+    with pytest.raises(ValueError, match="vle/2"):
+        text_trainer(tiny_run, tmp_path, {"name": "b_pr"})

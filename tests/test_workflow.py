@@ -109,7 +109,7 @@ def test_dry_run_of_all_trains_every_run_and_summarizes(default_copy, shipped_co
 
 
 def test_dry_run_of_the_31_chain_target(default_copy) -> None:
-    proc = snakemake(default_copy, "-n", "results/3.1/phase1/weights.pth")
+    proc = snakemake(default_copy, "-n", "-p", "results/3.1/phase1/weights.pth")
     assert proc.returncode == 0, output_of(proc)
     text = output_of(proc)
     assert job_stats(text)["train"] == 1

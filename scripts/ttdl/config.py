@@ -83,11 +83,18 @@ def validate_config(config: dict, source: str = "config") -> dict:
         if adaptation["init"] not in runs:
             raise ConfigError(f"invalid config ({source}):\n  - adaptations.{adaptation_id}.init: "
                               f"{adaptation['init']!r} is not a run id")
+    kinds = {a_id: a["kind"] for a_id, a in config["adaptations"].items()}
+    for a_id, adaptation in config["adaptations"].items():
+        if adaptation["encoder_from"] is not None and kinds.get(adaptation["encoder_from"]) != "encoder":
+            raise ConfigError(f"invalid config ({source}):\n  - adaptations.{a_id}.encoder_from: "
+                              f"{adaptation['encoder_from']!r} is not an adaptation of kind encoder")
     for run_id in runs:
-        adapted_by = resolve_run(config, run_id, source).get("encoder", {}).get("adapted_by")
-        if adapted_by is not None and adapted_by not in config["adaptations"]:
-            raise ConfigError(f"invalid config ({source}):\n  - runs.{run_id}.encoder.adapted_by: "
-                              f"{adapted_by!r} is not an adaptation id")
+        settings = resolve_run(config, run_id, source)
+        for key, section, kind in (("adapted_by", "encoder", "encoder"), ("concat_adapter_from", "objective", "concat")):
+            ref = settings[section][key]
+            if ref is not None and kinds.get(ref) != kind:
+                raise ConfigError(f"invalid config ({source}):\n  - runs.{run_id}.{section}.{key}: "
+                                  f"{ref!r} is not an adaptation of kind {kind} (known: {', '.join(kinds) or 'none'})")
     for run_id, run in runs.items():
         if run.get("baseline") is not None and run["baseline"] not in runs:
             raise ConfigError(f"invalid config ({source}):\n  - runs.{run_id}.baseline: {run['baseline']!r} is not a run id")

@@ -8,11 +8,19 @@ pixel_ce ([N,H,W]), valid ([N,H,W] bool).
 """
 from __future__ import annotations
 
+import hashlib
+import random
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from . import losses
-from .overlays import difference_overlay
+from .adapters import AttentionPoolByText, ConcatAdapter, GapLinear, l2
+from .overlays import difference_overlay, mask_overlay
+from .synthetic_text import perturb_description
+
+EMBEDDING_NORMS = ("none", "l2")
 
 
 def gap(bottleneck: torch.Tensor) -> torch.Tensor:
@@ -66,8 +74,222 @@ class XenRescaleHead(nn.Module):
         return losses.xen_rescale_loss(pixel_ce, weights, valid, self.cfg["alpha"])
 
 
+# ---- 3.4 / 3.5 / 4.x -----------------------------------------------------------------
+
+def pair_rows(tb, items, device) -> torch.Tensor:
+    """Batch row of every text item (the grouping of 3c)."""
+    return torch.tensor([tb.rows[p] for p in items.positions], dtype=torch.long, device=device)
+
+
+def _choice(cfg: dict, key: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = cfg.get(key, default)
+    if value not in allowed:
+        raise ValueError(f"objective.{key} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def full_precision(device: torch.device):
+    """Autocast off for the loss: under bf16 autocast the matmuls inside the losses would run in bf16
+    despite their .float() casts, and log-sigmoid sums over many negatives lose too much precision."""
+    return torch.autocast(device.type, enabled=False)
+
+
+def encode_transient(encoder, texts: list[str]) -> torch.Tensor:
+    """Frozen text embeddings of one-off texts, evicted from the encoder's text cache afterwards.
+
+    Perturbed negatives are new random strings every step; caching them like
+    the (reused) describer texts would grow the cache without bound.
+    """
+    cache = getattr(encoder, "_text_cache", None)
+    known = set(cache) if cache is not None else set()
+    with torch.no_grad():
+        emb = encoder.encode_text(texts).float()
+    if cache is not None:
+        for text in set(texts) - known:
+            cache.pop(text, None)
+    return emb
+
+
+class PerturbedNegatives(nn.Module):
+    """M near-miss copies of every positive text (3d), reproducible per (seed, step, key).
+
+    The class pool of a pair is the class names of its image's significant
+    classes, so a class swap names another object of the same scene. The step
+    counter is a persistent buffer: a resumed run draws the same negatives as
+    an uninterrupted one.
+    """
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        names = cfg.get("class_names")
+        if not names:
+            raise ValueError(f"objective {cfg.get('name')!r} needs cfg['class_names'] (index -> name) for the "
+                             "class pool of its perturbed negatives; build_objective must pass them")
+        self.class_names = list(names)
+        self.m = int(cfg.get("negatives", 4))
+        if self.m < 1:
+            raise ValueError(f"objective.negatives must be >= 1, got {self.m}")
+        self.seed = int(cfg.get("negatives_seed", 0))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def texts(self, tb, items, step: int) -> list[list[str]]:
+        out = []
+        for p, text in zip(items.positions, items.texts):
+            row = tb.rows[p]
+            pool = [self.class_names[c] for r, c in zip(tb.rows, tb.classes) if r == row]
+            digest = hashlib.blake2b(f"{self.seed}:{step}:{tb.keys[p]}".encode(), digest_size=8).digest()
+            out.append(perturb_description(text, pool, self.m, random.Random(int.from_bytes(digest, "big"))))
+        return out
+
+    def forward(self, tb, items, encoder, device) -> torch.Tensor:
+        """[P,M,D] frozen embeddings of the negatives; advances the step counter."""
+        step = int(self.step)
+        self.step += 1
+        flat = [t for copies in self.texts(tb, items, step) for t in copies]
+        emb = encode_transient(encoder, flat).to(device)
+        return emb.view(len(items.positions), self.m, -1)
+
+
+class PairedNegativesHead(nn.Module):
+    """3.4: text-queried attention pooling of B, scored against its text and that text's M perturbations.
+
+    The negatives differ from the positive only in a few diagnostic words, so
+    the pooled feature must carry where/what kind of error, not just which image.
+    """
+
+    def __init__(self, cfg: dict, text_dim: int, bottleneck_dim: int, encoder):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = [encoder]  # frozen, not saved with the head
+        self.norm = _choice(cfg, "embedding_norm", "none", EMBEDDING_NORMS)
+        self.pool = AttentionPoolByText(bottleneck_dim, text_dim, cfg.get("attn_heads", 4))
+        self.negatives = PerturbedNegatives(cfg)
+
+    def forward(self, tb, items, emb, bottleneck, **_) -> torch.Tensor:
+        if not items.positions:
+            return bottleneck.float().sum() * 0
+        rows = pair_rows(tb, items, bottleneck.device)
+        pos = emb.float().to(bottleneck.device)
+        img = self.pool(bottleneck.float(), rows, pos)
+        neg = self.negatives(tb, items, self.encoder[0], bottleneck.device)
+        with full_precision(bottleneck.device):
+            img = img.float()
+            if self.norm == "l2":
+                img, pos, neg = l2(img), l2(pos), l2(neg)
+            return losses.paired_negatives_siglip(img, pos, neg, rows, self.cfg.get("scale", 1.0),
+                                                  self.cfg.get("bias", 0.0))
+
+
+class BsideHead(nn.Module):
+    """3.5: the adapter sits on the bottleneck side; the raw text embedding is the target.
+
+    With detach_bottleneck the aux gradient trains only the adapter, which
+    tests whether B already carries the diagnostic information.
+    """
+
+    ADAPTERS = ("gap_linear", "attn_pool")
+
+    def __init__(self, cfg: dict, text_dim: int, bottleneck_dim: int, encoder):
+        super().__init__()
+        self.cfg = cfg
+        self.kind = _choice(cfg, "adapter", "gap_linear", self.ADAPTERS)
+        self.norm = _choice(cfg, "embedding_norm", "none", EMBEDDING_NORMS)
+        self.detach = bool(cfg.get("detach_bottleneck", False))
+        self.adapter = (GapLinear(bottleneck_dim, text_dim) if self.kind == "gap_linear"
+                        else AttentionPoolByText(bottleneck_dim, text_dim, cfg.get("attn_heads", 4)))
+
+    def forward(self, tb, items, emb, bottleneck, **_) -> torch.Tensor:
+        if not items.positions:
+            return bottleneck.float().sum() * 0
+        b = bottleneck.float()
+        if self.detach:
+            b = b.detach()
+        rows = pair_rows(tb, items, b.device)
+        txt = emb.float().to(b.device)
+        img = self.adapter(b)[rows] if self.kind == "gap_linear" else self.adapter(b, rows, txt)
+        with full_precision(b.device):
+            img = img.float()
+            if self.norm == "l2":
+                img, txt = l2(img), l2(txt)
+            return losses.grouped_siglip(img, txt, rows, self.cfg.get("scale", 1.0), self.cfg.get("bias", 0.0),
+                                         self.cfg.get("mask_same_group_negatives", True))
+
+
+class BPrHead(nn.Module):
+    """4.1/4.2 (3f): image side = concat_adapter([mlp(GAP(B)) || enc_image(PR overlay)]), grouped SigLIP.
+
+    The PR overlay tells the frozen vle/2 concat adapter which region the
+    description is about; B takes the place of the GT overlay it was trained
+    with, so the aux gradient asks B to supply what the ground truth would.
+    The concat adapter is frozen and, like the encoder, not saved with the
+    head: it always comes from `concat_adapter_path`.
+    """
+
+    def __init__(self, cfg: dict, text_dim: int, bottleneck_dim: int, encoder):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = [encoder]
+        self.norm = _choice(cfg, "embedding_norm", "none", EMBEDDING_NORMS)
+        path = cfg.get("concat_adapter_path")
+        if not path:
+            raise ValueError(f"objective {cfg.get('name')!r} needs objective.concat_adapter_path: the "
+                             "concat_adapter.pt written by the vle/2 adaptation; run vle/2 first")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"concat adapter not found: {path} (objective.concat_adapter_path); "
+                                    "it is written by the vle/2 adaptation; run vle/2 first")
+        concat = ConcatAdapter.from_file(path)
+        if concat.dim != text_dim:
+            raise ValueError(f"{path} maps {concat.dim}-dim embeddings, but the text encoder has {text_dim}; "
+                             "re-run vle/2 with this run's encoder")
+        concat.requires_grad_(False)
+        self.concat = [concat]  # not a submodule: frozen, not saved with the head
+        self.mlp = nn.Linear(bottleneck_dim, text_dim, bias=False)
+
+    def image_side(self, tb, items, bottleneck, rows) -> torch.Tensor:
+        overlays = torch.stack([mask_overlay(tb.images[tb.rows[p]], tb.pr[tb.rows[p]] == tb.classes[p])
+                                for p in items.positions])
+        with torch.no_grad():
+            pr_emb = self.encoder[0].encode_image(overlays).float().to(bottleneck.device)
+        concat = self.concat[0].to(bottleneck.device)
+        return concat(self.mlp(gap(bottleneck))[rows], pr_emb)
+
+    def forward(self, tb, items, emb, bottleneck, **_) -> torch.Tensor:
+        if not items.positions:
+            return bottleneck.float().sum() * 0
+        rows = pair_rows(tb, items, bottleneck.device)
+        img, txt = self.image_side(tb, items, bottleneck, rows), emb.float().to(bottleneck.device)
+        with full_precision(bottleneck.device):
+            img = img.float()
+            if self.norm == "l2":
+                img, txt = l2(img), l2(txt)
+            return self.loss(tb, items, img, txt, rows)
+
+    def loss(self, tb, items, img, txt, rows) -> torch.Tensor:
+        return losses.grouped_siglip(img, txt, rows, self.cfg.get("scale", 1.0), self.cfg.get("bias", 0.0),
+                                     self.cfg.get("mask_same_group_negatives", True))
+
+
+class BPrPairedHead(BPrHead):
+    """4.3: the B_PR image side of 4.1/4.2 with the paired perturbed negatives of 3.4."""
+
+    def __init__(self, cfg: dict, text_dim: int, bottleneck_dim: int, encoder):
+        super().__init__(cfg, text_dim, bottleneck_dim, encoder)
+        self.negatives = PerturbedNegatives(cfg)
+
+    def loss(self, tb, items, img, txt, rows) -> torch.Tensor:
+        neg = self.negatives(tb, items, self.encoder[0], img.device)
+        if self.norm == "l2":
+            neg = l2(neg)
+        return losses.paired_negatives_siglip(img, txt, neg, rows, self.cfg.get("scale", 1.0),
+                                              self.cfg.get("bias", 0.0))
+
+
 HEADS: dict[str, type[nn.Module]] = {
     "variable_siglip": VariableSiglipHead,
     "grouped_siglip": GroupedSiglipHead,
     "xen_rescale": XenRescaleHead,
+    "paired_negatives": PairedNegativesHead,
+    "bside": BsideHead,
+    "b_pr": BPrHead,
+    "b_pr_paired": BPrPairedHead,
 }

@@ -8,6 +8,7 @@ many negatives lose too much precision in bf16.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,10 +30,20 @@ def _zero(*tensors: Tensor) -> Tensor:
     return sum(t.sum() for t in tensors) * 0
 
 
+def _float32(fn):
+    """Run a loss with autocast off: `.float()` alone does not stop autocast from casting matmuls to bf16."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
 def _logits(img: Tensor, txt: Tensor, scale: float, bias: float) -> Tensor:
     return scale * (img.float() @ txt.float().T) + bias
 
 
+@_float32
 def siglip_pair_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, logit_bias: Tensor) -> Tensor:
     """Standard SigLIP loss for (overlay image, text) pairs; row i matches text i.
 
@@ -49,6 +60,7 @@ def siglip_pair_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, logit_bias: 
     return -F.logsigmoid(labels * logits).sum() / n
 
 
+@_float32
 def variable_text_siglip(
     img: Tensor, txt: Tensor, owner: Tensor, scale: float = 1.0, bias: float = 0.0
 ) -> Tensor:
@@ -80,6 +92,7 @@ def _grouped_mean(rows: Tensor, groups: Tensor) -> Tensor:
     return (sums / counts).mean()
 
 
+@_float32
 def grouped_siglip(
     img: Tensor,
     txt: Tensor,
@@ -108,6 +121,7 @@ def grouped_siglip(
     return _grouped_mean(pos + neg, groups)
 
 
+@_float32
 def paired_negatives_siglip(
     img: Tensor,
     pos_txt: Tensor,

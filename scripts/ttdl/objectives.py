@@ -249,7 +249,8 @@ def build_describer_for(run: dict, class_names: list[str], dataset=None):
     return build_describer(cfg, class_names, support)
 
 
-def build_objective(run: dict, trainer, cache_path: str | None, adapted_path: str | None = None):
+def build_objective(run: dict, trainer, cache_path: str | None, adapted_path: str | None = None,
+                    concat_path: str | None = None):
     cfg = run.get("objective") or {}
     if cfg.get("name", "none") == "none":
         return None
@@ -272,7 +273,9 @@ def build_objective(run: dict, trainer, cache_path: str | None, adapted_path: st
         source = ClassNameTexts(class_names)
     else:
         source = SyntheticTexts(class_names, ignore)
-    head = HEADS[cfg["name"]](cfg, encoder.embed_dim, trainer.model.bottleneck_channels, encoder)
+    head_cfg = cfg | {"class_names": class_names, "negatives_seed": run["train"]["seed"],
+                      "concat_adapter_path": concat_path}
+    head = HEADS[cfg["name"]](head_cfg, encoder.embed_dim, trainer.model.bottleneck_channels, encoder)
     objective = TextObjective(run, head, source, encoder, cache, describer, trainer.num_classes, ignore,
                               val_source, val_cache)
     return objective.to(trainer.device)

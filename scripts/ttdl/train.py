@@ -115,7 +115,8 @@ class History:
 
 class Trainer:
     def __init__(self, run: dict, out_dir: str | Path, init_weights: str | None = None,
-                 cache_path: str | None = None, encoder_path: str | None = None, log=print):
+                 cache_path: str | None = None, encoder_path: str | None = None,
+                 concat_path: str | None = None, log=print):
         self.run, self.log = run, log
         self.out = Path(out_dir)
         self.state_path = self.out / "state" / "last.pt"
@@ -139,7 +140,7 @@ class Trainer:
                                  backbone_weights=None if init_weights else mc["backbone_weights"],
                                  bn_momentum=mc["bn_momentum"]).to(self.device)
         from .objectives import build_objective  # text branch; None for plain CE runs
-        self.objective = build_objective(run, self, cache_path, encoder_path)
+        self.objective = build_objective(run, self, cache_path, encoder_path, concat_path)
         if self.objective is not None and init_weights:
             self._init_aux_head(init_weights)
         params = list(self.model.parameters())
@@ -156,7 +157,7 @@ class Trainer:
         self.epoch_count = 0
         self.bar = progress_bar(tc["progress"])
         self._kill_at = int(os.environ.get("TTDL_DEBUG_KILL_AT_STEP", "0"))
-        self.fingerprint = run_fingerprint(run, init_weights, cache_path, encoder_path)
+        self.fingerprint = run_fingerprint(run, init_weights, cache_path, encoder_path, concat_path)
 
     def _init_aux_head(self, init_weights: str) -> None:
         """Carry a trained aux head over from the init run when it fits (3.1 phase 2 -> finetune)."""

@@ -6,9 +6,15 @@ from ttdl.config import resolve_adaptation, resolve_run, seed_runs, to_json
 RUNS = list(config["runs"])
 
 
+def adaptation_pattern(kind):
+    ids = [a for a, spec in config["adaptations"].items() if spec["kind"] == kind]
+    return "|".join(re.escape(a) for a in ids) or "(?!)"
+
+
 wildcard_constraints:
     run="|".join(re.escape(r) for r in sorted(RUNS, key=len, reverse=True)),
-    adaptation="|".join(re.escape(a) for a in config["adaptations"]) or "^$",
+    encoder_adaptation=adaptation_pattern("encoder"),
+    concat_adaptation=adaptation_pattern("concat"),
 
 
 def run_settings(run):
@@ -58,6 +64,23 @@ def encoder_input(wildcards):
     settings = run_settings(wildcards.run)
     adapted_by = settings["encoder"]["adapted_by"]
     return [f"results/{adapted_by}/encoder.pt"] if adapted_by and settings["objective"]["name"] != "none" else []
+
+
+def concat_input(wildcards):
+    """The vle/2 concat adapter, for B_PR runs."""
+    settings = run_settings(wildcards.run)
+    source = settings["objective"]["concat_adapter_from"]
+    return [f"results/{source}/concat_adapter.pt"] if source and settings["objective"]["name"] != "none" else []
+
+
+def adaptation_init(wildcards):
+    adaptation = wildcards.get("encoder_adaptation") or wildcards.get("concat_adaptation")
+    return f"results/{config['adaptations'][adaptation]['init']}/weights.pth"
+
+
+def concat_encoder_input(wildcards):
+    source = config["adaptations"][wildcards.concat_adaptation]["encoder_from"]
+    return [f"results/{source}/encoder.pt"] if source else []
 
 
 def optional_arg(flag, files):

@@ -1,24 +1,17 @@
 # Figures, qualitative panels and the results table, marked for `snakemake --report`.
 
 
-def qualitative_runs():
-    """Text runs of the results table that start from another run (they have a before and an after)."""
-    return [r for r in config["summary"]
-            if config["runs"][r].get("init") and run_settings(r)["objective"]["name"] != "none"]
+# Runs with an init (a before checkpoint): the qualitative rule can draw any of them.
+PANEL_RUNS = [r for r in RUNS if config["runs"][r].get("init")]
 
+# The report shows one panel per text run of the results table that has an init.
+QUALITATIVE_RUNS = [r for r in config["summary"]
+                    if r in PANEL_RUNS and run_settings(r)["objective"]["name"] != "none"]
 
-def report_inputs(wildcards=None):
-    """Every file the report shows; `make report` builds these first."""
-    figures = expand("results/figures/{name}.png", name=["curves", "describer", "results"])
-    panels = expand("results/figures/qualitative/{run}.png", run=qualitative_runs())
-    return figures + panels + ["results/figures/summary_table.html"]
-
-
-def init_checkpoint(wildcards):
-    init = config["runs"][wildcards.run].get("init")
-    if not init:
-        raise ValueError(f"run {wildcards.run!r} has no init: a qualitative panel needs a before checkpoint")
-    return f"results/{init}/weights.pth"
+# Every file the report shows; `make report` builds these (rule report_inputs) before `--report`.
+REPORT_INPUTS = (expand("results/figures/{name}.png", name=["curves", "describer", "results"])
+                 + expand("results/figures/qualitative/{run}.png", run=QUALITATIVE_RUNS)
+                 + ["results/figures/summary_table.html"])
 
 
 rule figures:
@@ -58,7 +51,7 @@ rule summary_table:
 rule qualitative:
     input:
         script="scripts/qualitative.py",
-        before=init_checkpoint,
+        before=lambda wildcards: f"results/{config['runs'][wildcards.run]['init']}/weights.pth",
         after="results/{run}/weights.pth",
         data=data_inputs,
     output:
@@ -66,11 +59,13 @@ rule qualitative:
                category="Qualitative", labels={"experiment": "{run}"}),
     params:
         run=full_run_json,
+    wildcard_constraints:
+        run="|".join(re.escape(r) for r in sorted(PANEL_RUNS, key=len, reverse=True)) or "^$",
     log:
         "logs/qualitative/{run}.log",
     benchmark:
         "benchmarks/qualitative/{run}.tsv"
-    threads: 2
+    threads: job_threads
     shell:
         "python {input.script} --run-json {params.run:q} --before {input.before} --after {input.after} "
         "--out {output} > {log} 2>&1"
@@ -78,4 +73,4 @@ rule qualitative:
 
 rule report_inputs:
     input:
-        report_inputs(),
+        REPORT_INPUTS,

@@ -4,22 +4,47 @@
 rule adapt_encoder:
     input:
         script="scripts/adapt_encoder.py",
-        weights=lambda wildcards: f"results/{config['adaptations'][wildcards.adaptation]['init']}/weights.pth",
+        weights=adaptation_init,
         data=lambda wildcards: data_ready(config["data"]["root"]),
     output:
-        encoder="results/{adaptation}/encoder.pt",
-        metrics="results/{adaptation}/metrics.json",
+        encoder="results/{encoder_adaptation}/encoder.pt",
+        metrics="results/{encoder_adaptation}/metrics.json",
     params:
-        run=lambda wildcards: to_json(resolve_adaptation(config, wildcards.adaptation)),
+        run=lambda wildcards: to_json(resolve_adaptation(config, wildcards.encoder_adaptation)),
     log:
-        "logs/adapt_encoder/{adaptation}.log",
+        "logs/adapt_encoder/{encoder_adaptation}.log",
     benchmark:
-        "benchmarks/adapt_encoder/{adaptation}.tsv"
+        "benchmarks/adapt_encoder/{encoder_adaptation}.tsv"
     threads: config["train"]["threads"]
     resources:
         gpu=1,
     shell:
-        "python {input.script} --run-json {params.run:q} --weights {input.weights} --out results/{wildcards.adaptation} > {log} 2>&1"
+        "python {input.script} --run-json {params.run:q} --weights {input.weights} "
+        "--out results/{wildcards.encoder_adaptation} > {log} 2>&1"
+
+
+rule adapt_concat:
+    input:
+        script="scripts/adapt_encoder.py",
+        weights=adaptation_init,
+        data=lambda wildcards: data_ready(config["data"]["root"]),
+        encoder=concat_encoder_input,
+    output:
+        adapter="results/{concat_adaptation}/concat_adapter.pt",
+        metrics="results/{concat_adaptation}/metrics.json",
+    params:
+        run=lambda wildcards: to_json(resolve_adaptation(config, wildcards.concat_adaptation)),
+        encoder=lambda wildcards, input: optional_arg("--encoder", input.encoder),
+    log:
+        "logs/adapt_concat/{concat_adaptation}.log",
+    benchmark:
+        "benchmarks/adapt_concat/{concat_adaptation}.tsv"
+    threads: config["train"]["threads"]
+    resources:
+        gpu=1,
+    shell:
+        "python {input.script} --run-json {params.run:q} --weights {input.weights} {params.encoder} "
+        "--out results/{wildcards.concat_adaptation} > {log} 2>&1"
 
 
 rule prefill_cache:

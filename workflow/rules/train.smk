@@ -8,6 +8,7 @@ rule train:
         init=init_weights,
         cache=prefill_input,
         encoder=encoder_input,
+        concat=concat_input,
     output:
         weights="results/{run}/weights.pth",
         metrics="results/{run}/metrics.csv",
@@ -15,7 +16,8 @@ rule train:
     params:
         run=run_json,
         extra=lambda wildcards, input: " ".join([optional_arg("--init", input.init),
-            optional_arg("--cache", input.cache), optional_arg("--encoder", input.encoder)]),
+            optional_arg("--cache", input.cache), optional_arg("--encoder", input.encoder),
+            optional_arg("--concat-adapter", input.concat)]),
     log:
         "logs/train/{run}.log",
     benchmark:
