@@ -195,10 +195,14 @@ class TextObjective(nn.Module):
         self.epoch_counters = Counters()
 
     def epoch_logs(self) -> dict:
-        return self.epoch_counters.as_logs()
+        logs = self.epoch_counters.as_logs()
+        return logs if self.cache is not None else {k: v for k, v in logs.items() if k != "cache_hit_rate"}
 
     def summary(self) -> dict:
-        return self.total.as_logs() | {"objective": self.cfg["name"], "text_source": self.cfg["text"],
+        logs = self.total.as_logs()
+        if self.cache is None:  # synthetic or class-name text: no describer, no cache to hit
+            logs["cache_hit_rate"] = None
+        return logs | {"objective": self.cfg["name"], "text_source": self.cfg["text"],
                                        "describer": self.describer.__class__.__name__ if self.describer else None}
 
     def state_dict_full(self) -> dict:

@@ -63,6 +63,8 @@ def _fmt(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
+        if value.is_integer() and abs(value) >= 1:  # counts and epochs, averaged over seeds
+            return str(int(value))
         return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
     return str(value)
 

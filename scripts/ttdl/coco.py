@@ -1,0 +1,289 @@
+"""COCO 2017 instances -> a Pascal-VOC-layout folder with the 20 VOC classes.
+
+The converted folder is read by the same `SegmentationFolder` as VOC and the
+synthetic set: JPEGImages/{uid}.jpg, SegmentationClass/{uid}.png (palette PNG,
+pixel = VOC class index, 255 = void), ImageSets/Segmentation/{split}.txt, plus
+classes.txt with the 21 VOC names.
+
+Painting rules (each is a choice a reader of the masks must know):
+
+* Only the 20 COCO categories that are VOC classes are painted, matched by
+  *name* (ids differ between the datasets); every other COCO object stays
+  background, the usual COCO->VOC convention.
+* Annotations are painted largest first (by the annotation's `area`), so a
+  small object lying on a large one stays visible instead of being buried.
+* `iscrowd` annotations of VOC classes are painted void (255): a crowd region
+  mixes the class with background at unknown pixels, so neither label would be
+  right and the loss must ignore it. Crowds of non-VOC categories stay
+  background (they are background either way). Because of the area order a
+  separately annotated object inside a crowd keeps its class.
+* Images whose mask ends up without any VOC-class pixel are skipped (with no
+  annotations at all, or only void): they would only teach "background".
+
+Why no pycocotools: it is a compiled extension (a build or a platform wheel,
+often unavailable offline), while the only parts needed here are polygon fill
+(PIL's ImageDraw) and RLE decoding, which is thirty lines (`decode_rle`) and is
+tested against hand-encoded vectors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .io import atomic_path, write_text
+from .synthetic import voc_palette
+
+VOID = 255
+
+VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+               "train", "tvmonitor"]
+
+# COCO 2017 category name -> VOC class name (the 20 shared classes).
+COCO_TO_VOC = {
+    "airplane": "aeroplane", "bicycle": "bicycle", "bird": "bird", "boat": "boat", "bottle": "bottle",
+    "bus": "bus", "car": "car", "cat": "cat", "chair": "chair", "cow": "cow", "dining table": "diningtable",
+    "dog": "dog", "horse": "horse", "motorcycle": "motorbike", "person": "person",
+    "potted plant": "pottedplant", "sheep": "sheep", "couch": "sofa", "train": "train", "tv": "tvmonitor",
+}
+
+COCO_HELP = (
+    "COCO 2017 comes from https://cocodataset.org/#download: train2017.zip, val2017.zip and "
+    "annotations_trainval2017.zip. Unpack them so that data.coco.root looks like\n"
+    "  {root}/annotations/instances_train2017.json\n"
+    "  {root}/annotations/instances_val2017.json\n"
+    "  {root}/train2017/*.jpg\n"
+    "  {root}/val2017/*.jpg\n"
+    "and set data.coco.root (config/coco.yaml) to that folder."
+)
+
+
+class CocoError(RuntimeError):
+    """A missing or malformed COCO input; the message names the file or annotation."""
+
+
+# ---- RLE -----------------------------------------------------------------------
+
+def rle_counts_from_string(text: str) -> list[int]:
+    """Decode COCO's compressed RLE string (maskApi.c `rleFrString`) into run lengths.
+
+    Each count is stored in 5-bit groups, least significant first, as chars
+    offset by 48; bit 0x20 of a group means "more groups follow", bit 0x10 of
+    the last group is the sign. From the third count on, the value is stored
+    as the difference to the count two places back (same-colour runs).
+    """
+    counts: list[int] = []
+    pos = 0
+    while pos < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if pos >= len(text):
+                raise ValueError(f"truncated RLE string at character {pos}")
+            c = ord(text[pos]) - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"invalid RLE character {text[pos]!r} at {pos}")
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            pos += 1
+            shift += 5
+            if not more and c & 0x10:
+                value |= -1 << shift
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+    return counts
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """An RLE segmentation ({"size": [h, w], "counts": list or str}) as a bool (h, w) mask.
+
+    Runs alternate background/foreground starting with background and walk the
+    image column by column (Fortran order), as COCO stores them.
+    """
+    try:
+        h, w = (int(v) for v in rle["size"])
+        counts = rle["counts"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"RLE needs 'size' [h, w] and 'counts': {exc}") from exc
+    if isinstance(counts, (bytes, bytearray)):
+        counts = counts.decode("ascii")
+    if isinstance(counts, str):
+        counts = rle_counts_from_string(counts)
+    counts = [int(c) for c in counts]
+    if any(c < 0 for c in counts):
+        raise ValueError("negative run length in RLE")
+    if sum(counts) != h * w:
+        raise ValueError(f"RLE run lengths sum to {sum(counts)}, expected {h}x{w}={h * w}")
+    values = np.zeros(len(counts), dtype=bool)
+    values[1::2] = True
+    flat = np.repeat(values, counts)
+    return flat.reshape(w, h).T
+
+
+def polygon_mask(polygons: list[list[float]], h: int, w: int) -> np.ndarray:
+    """The union of COCO polygons ([x1, y1, x2, y2, ...] in pixel coordinates) as a bool mask."""
+    canvas = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(canvas)
+    for poly in polygons:
+        if len(poly) < 6:  # fewer than three points cover no area
+            continue
+        draw.polygon([(float(poly[i]), float(poly[i + 1])) for i in range(0, len(poly) - 1, 2)], fill=1)
+    return np.array(canvas, dtype=bool)
+
+
+def annotation_mask(ann: dict, h: int, w: int) -> np.ndarray:
+    """One annotation's pixels (polygons or RLE), checked against the image size."""
+    seg = ann.get("segmentation")
+    if isinstance(seg, list):
+        return polygon_mask(seg, h, w)
+    if isinstance(seg, dict):
+        try:
+            mask = decode_rle(seg)
+        except ValueError as exc:
+            raise CocoError(f"annotation {ann.get('id')}: bad RLE: {exc}") from exc
+        if mask.shape != (h, w):
+            raise CocoError(f"annotation {ann.get('id')}: RLE size {list(mask.shape)} differs from its image "
+                            f"({h}x{w})")
+        return mask
+    raise CocoError(f"annotation {ann.get('id')}: segmentation is neither polygons nor RLE")
+
+
+# ---- painting ------------------------------------------------------------------
+
+def voc_index_of_categories(categories: Iterable[dict]) -> dict[int, int]:
+    """COCO category id -> VOC class index, for the categories that are VOC classes."""
+    return {int(c["id"]): VOC_CLASSES.index(COCO_TO_VOC[c["name"]])
+            for c in categories if c.get("name") in COCO_TO_VOC}
+
+
+def paint_label(image: dict, annotations: list[dict], voc_index: dict[int, int]) -> np.ndarray:
+    """The VOC label map of one COCO image (module docstring: area order, crowd = void)."""
+    h, w = int(image["height"]), int(image["width"])
+    label = np.zeros((h, w), dtype=np.uint8)
+    ours = [a for a in annotations if int(a["category_id"]) in voc_index]
+    ours.sort(key=lambda a: (-float(a.get("area", 0.0)), int(a.get("id", 0))))
+    for ann in ours:
+        mask = annotation_mask(ann, h, w)
+        label[mask] = VOID if ann.get("iscrowd") else voc_index[int(ann["category_id"])]
+    return label
+
+
+# ---- conversion ----------------------------------------------------------------
+
+@dataclass
+class SplitStats:
+    """What one split's conversion did (written to the conversion manifest)."""
+    images: int = 0
+    written: int = 0
+    skipped_no_voc_pixels: int = 0
+    crowd_annotations: int = 0
+    annotations_painted: int = 0
+    class_pixels: dict[str, int] = field(default_factory=dict)
+    missing_categories: list[str] = field(default_factory=list)
+
+
+def load_instances(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CocoError(f"COCO annotation file not found: {path}\n" + COCO_HELP.format(root=path.parent.parent))
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CocoError(f"cannot read COCO annotation file {path}: {exc}") from exc
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise CocoError(f"{path} has no {key!r}: not a COCO instances file")
+    return data
+
+
+def _place_image(source: Path, dest: Path) -> None:
+    """Hard-link the JPEG when possible (COCO train is 18 GB), else copy it; atomic either way."""
+    with atomic_path(dest) as tmp:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+
+def convert_split(instances: str | Path, image_dir: str | Path, out_root: str | Path, split: str, *,
+                  max_images: int | None = None,
+                  progress: Callable[[Iterable], Iterable] | None = None) -> SplitStats:
+    """Convert one COCO split; returns its stats. Images are taken in id order (deterministic).
+
+    `max_images` keeps the first N *written* images (for quick runs). The split
+    list is written last, so an interrupted conversion never looks complete.
+    """
+    data = load_instances(instances)
+    image_dir, out_root = Path(image_dir), Path(out_root)
+    if not image_dir.is_dir():
+        raise CocoError(f"COCO image folder not found: {image_dir}\n" + COCO_HELP.format(root=image_dir.parent))
+    voc_index = voc_index_of_categories(data["categories"])
+    present = {c.get("name") for c in data["categories"]}
+    by_image: dict[int, list[dict]] = {}
+    for ann in data["annotations"]:
+        by_image.setdefault(int(ann["image_id"]), []).append(ann)
+    palette = voc_palette()
+    stats = SplitStats(missing_categories=sorted(set(COCO_TO_VOC) - present))
+    pixels = np.zeros(256, dtype=np.int64)
+    uids: list[str] = []
+    images = sorted(data["images"], key=lambda im: int(im["id"]))
+    for image in (progress(images) if progress else images):
+        if max_images is not None and len(uids) >= max_images:
+            break
+        stats.images += 1
+        anns = by_image.get(int(image["id"]), [])
+        label = paint_label(image, anns, voc_index)
+        counts = np.bincount(label.ravel(), minlength=256)
+        if counts[1:len(VOC_CLASSES)].sum() == 0:
+            stats.skipped_no_voc_pixels += 1
+            continue
+        source = image_dir / image["file_name"]
+        if not source.is_file():
+            raise CocoError(f"COCO image missing: {source} (image id {image['id']} in {instances})")
+        uid = Path(image["file_name"]).stem
+        _place_image(source, out_root / "JPEGImages" / f"{uid}.jpg")
+        png = Image.frombytes("P", (label.shape[1], label.shape[0]), label.tobytes())
+        png.putpalette(palette)
+        with atomic_path(out_root / "SegmentationClass" / f"{uid}.png") as tmp:
+            png.save(tmp, format="PNG")
+        ours = [a for a in anns if int(a["category_id"]) in voc_index]
+        stats.annotations_painted += len(ours)
+        stats.crowd_annotations += sum(1 for a in ours if a.get("iscrowd"))
+        pixels += counts
+        uids.append(uid)
+    stats.written = len(uids)
+    stats.class_pixels = {name: int(pixels[i]) for i, name in enumerate(VOC_CLASSES)} | {"void": int(pixels[VOID])}
+    if not uids:
+        raise CocoError(f"no image of {instances} contains a VOC class; nothing to write for split {split!r}")
+    write_text(out_root / "ImageSets" / "Segmentation" / f"{split}.txt", "\n".join(uids) + "\n")
+    return stats
+
+
+def convert_coco(coco_root: str | Path, out_root: str | Path, splits: dict[str, str], *,
+                 max_images: dict[str, int | None] | None = None, progress=None) -> dict:
+    """Convert every `{voc split: coco split}` (e.g. train: train2017) under `coco_root`.
+
+    Returns the manifest (per-split stats including `missing_categories`: a
+    COCO file lacking one of the 20 names would otherwise silently produce a
+    class with no pixels, so the CLI reports them).
+    """
+    coco_root, out_root = Path(coco_root), Path(out_root)
+    if not coco_root.is_dir():
+        raise CocoError(f"COCO root not found: {coco_root}\n" + COCO_HELP.format(root=coco_root))
+    manifest: dict = {"coco_root": str(coco_root), "classes": VOC_CLASSES, "splits": {}}
+    for split, coco_split in splits.items():
+        instances = coco_root / "annotations" / f"instances_{coco_split}.json"
+        limit = (max_images or {}).get(split)
+        stats = convert_split(instances, coco_root / coco_split, out_root, split, max_images=limit,
+                              progress=progress)
+        manifest["splits"][split] = {"coco_split": coco_split, "max_images": limit} | stats.__dict__
+    write_text(out_root / "classes.txt", "\n".join(VOC_CLASSES) + "\n")
+    return manifest
