@@ -82,7 +82,11 @@ def bottleneck_leaf() -> torch.Tensor:
     return torch.randn(2, C, 4, 4, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
 
 
+SIGLIP_DEFAULTS = {"scale": 1.0, "bias": 0.0, "mask_same_group_negatives": True}
+
 HEAD_CASES = [
+    ("variable_siglip", SIGLIP_DEFAULTS, ["mlp.weight"]),
+    ("grouped_siglip", SIGLIP_DEFAULTS, ["mlp.weight"]),
     ("paired_negatives", {}, ["pool.proj.weight", "pool.attn.in_proj_weight"]),
     ("paired_negatives", {"embedding_norm": "l2", "negatives": 2}, ["pool.attn.out_proj.weight"]),
     ("bside", {}, ["adapter.linear.weight"]),
@@ -249,3 +253,20 @@ def _one_pair_batch():
     tb = build_text_batch(["u"], torch.rand(1, 3, 8, 8), torch.ones(1, 8, 8, dtype=torch.long),
                           torch.ones(1, 8, 8, dtype=torch.long), size=8, num_classes=4, ignore_index=255)
     return tb, TextItems([0], ["The DOG region is correct."], [True])
+
+
+def test_xen_rescale_moves_the_gradient_with_the_text(encoder, batch):
+    """XEn's value is the plain CE whatever the text; where the gradient goes depends on it."""
+    tb, items = batch
+    head = make_head("xen_rescale", encoder, alpha=10.0, gamma=0.8, normalise="mean_one")
+    h, w = tb.gt.shape[-2:]
+    grads = []
+    for texts in (items, shuffled(items)):
+        pixel_ce = torch.rand(tb.gt.shape[0], h, w, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+        valid = torch.ones_like(pixel_ce, dtype=torch.bool)
+        emb = encoder.encode_text(texts.texts)
+        loss = head(tb=tb, items=texts, emb=emb, bottleneck=None, pixel_ce=pixel_ce, valid=valid)
+        assert loss.item() == pytest.approx(pixel_ce.mean().item(), rel=1e-5)
+        loss.backward()
+        grads.append(pixel_ce.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
