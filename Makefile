@@ -5,10 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 CORES ?= 2
 CONFIG ?= config/config.yaml
-SNAKEMAKE = $(VENV)/bin/snakemake --cores $(CORES) --configfile=$(CONFIG)
+GPUS ?=
+SNAKEMAKE = $(VENV)/bin/snakemake --cores $(CORES) --configfile=$(CONFIG) $(if $(GPUS),--resources=gpu=$(GPUS))
 STAMP = $(VENV)/.installed
 
-.PHONY: all test venv dry-run lint bench report clean clean-cache help
+.PHONY: all test venv dry-run lint bench report clean clean-cache help download-voc docker-up docker-down docker-pull docker-exec
 
 all: $(STAMP)  ## run the whole experiment matrix (results/summary.md)
 	$(SNAKEMAKE) all
@@ -29,6 +30,9 @@ report: $(STAMP)  ## figures, qualitative panels and the HTML report (results/re
 	$(SNAKEMAKE) report_inputs
 	$(SNAKEMAKE) report_inputs --report results/report.html
 
+download-voc: $(STAMP)  ## opt-in (needs a network): download VOC 2012 to resources/VOCdevkit/VOC2012
+	$(VENV)/bin/snakemake --cores 1 download_voc
+
 dry-run: $(STAMP)  ## show the jobs `make all` would run
 	$(SNAKEMAKE) -n all
 
@@ -40,6 +44,24 @@ clean-cache:  ## remove mask-text caches only (prefills and finetuning caches)
 
 clean:  ## remove results, logs and benchmarks (keeps data and the venv)
 	rm -rf results logs benchmarks
+
+# ---- docker: the app + its Ollama server (docker/compose.yaml) ----
+# GPUs for the pair: every GPU nvidia-smi lists; DOCKER_GPUS=0,1 picks, DOCKER_GPUS= runs on CPU.
+DOCKER_GPUS ?= $(shell nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | paste -sd, -)
+COMPOSE = TTDL_USER=$$(id -un) TTDL_UID=$$(id -u) TTDL_GID=$$(id -g) TTDL_PROJECT=ttdl-$$(id -u) \
+	TTDL_GPUS=$(DOCKER_GPUS) docker compose -f docker/compose.yaml $(if $(strip $(DOCKER_GPUS)),,-f docker/compose.cpu.yaml)
+
+docker-up:  ## build the image as you and start it with its Ollama service (DOCKER_GPUS=0,1)
+	$(COMPOSE) up -d --build
+
+docker-down:  ## stop and remove the pair (the Ollama model volume is kept)
+	$(COMPOSE) down
+
+docker-pull:  ## fetch the describer model into the Ollama volume (OLLAMA_PULL_MODEL=...)
+	$(COMPOSE) run --rm ollama-pull
+
+docker-exec:  ## run CMD in the app container, e.g. make docker-exec CMD='make all CONFIG=config/docker.yaml'
+	$(COMPOSE) exec ttdl $(or $(CMD),bash)
 
 help:
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/:\t/'

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ttdl.cli import setup_logging
 from ttdl.coco import CocoError, convert_coco
-from ttdl.io import write_json
+from ttdl.datacheck import write_report
 
 DEFAULT_SPLITS = {"train": "train2017", "val": "val2017"}
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         if stats["missing_categories"]:
             log.warning("%s: COCO categories absent from the annotation file (their VOC classes get no pixels): %s",
                         split, ", ".join(stats["missing_categories"]))
-    write_json(args.out, manifest)
+    write_report(args.out, manifest)
     return 0
 
 

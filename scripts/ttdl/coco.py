@@ -23,7 +23,8 @@ Painting rules (each is a choice a reader of the masks must know):
 Why no pycocotools: it is a compiled extension (a build or a platform wheel,
 often unavailable offline), while the only parts needed here are polygon fill
 (PIL's ImageDraw) and RLE decoding, which is thirty lines (`decode_rle`) and is
-tested against hand-encoded vectors.
+tested against hand-encoded vectors. The module is torch-free, so a
+conversion job starts in well under a second.
 """
 from __future__ import annotations
 
@@ -37,10 +38,29 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .io import atomic_path, write_text
-from .synthetic import voc_palette
+from .datacheck import atomic_path
 
 VOID = 255
+
+
+def voc_palette() -> list[int]:
+    """VOC's colour map (as ttdl.synthetic's, which imports torch via ttdl.io; a test keeps them equal)."""
+    palette = []
+    for index in range(256):
+        r = g = b = 0
+        c = index
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",

@@ -14,6 +14,7 @@ imports `dataset_key` at parse time and the check job starts in a second.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,11 +22,15 @@ import re
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 VOC2012_COUNTS = {"train": 1464, "val": 1449}
+CHECKS_DIR = "resources/data_checks"
+# the data keys a check depends on (resize, crop etc. do not change the folder)
+CHECK_KEYS = ("kind", "root", "class_names", "image_ext", "ignore_index", "expected_counts", "split_sha256")
 VOC_HOST = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/"
 VOC_TAR = "VOCtrainval_11-May-2012.tar"
 SPLITS = ("train", "val")
@@ -66,6 +71,52 @@ def dataset_key(root: str | Path) -> str:
     digest = hashlib.sha1(root.encode()).hexdigest()[:8]
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(root).name) or "root"
     return f"{name}-{digest}"
+
+
+# ---- workflow glue (workflow/rules/datasets.smk, common.smk) -------------------------
+
+def check_record(root: str | Path) -> str:
+    """The report rule check_data writes once the dataset at `root` has passed (jobs depend on it)."""
+    return f"{CHECKS_DIR}/{dataset_key(root)}/check.json"
+
+
+def coco_record(root: str | Path) -> str:
+    """The manifest rule prepare_coco writes last, once `root` holds the converted COCO folder."""
+    return f"{CHECKS_DIR}/{dataset_key(root)}/coco.json"
+
+
+def real_datasets(sections: list[dict]) -> dict[str, dict]:
+    """The non-synthetic `data` sections by dataset_key (the first section of a root wins)."""
+    found: dict[str, dict] = {}
+    for data in sections:
+        if data["kind"] != "synthetic":
+            found.setdefault(dataset_key(data["root"]), data)
+    return found
+
+
+def key_pattern(datasets: dict[str, dict], kinds: tuple[str, ...]) -> str:
+    """A wildcard constraint matching exactly the dataset keys of these kinds (none: matches nothing)."""
+    keys = [key for key, data in datasets.items() if data["kind"] in kinds]
+    return "|".join(re.escape(key) for key in keys) or "(?!)"
+
+
+def check_inputs(data: dict) -> list[str]:
+    """A converted COCO folder is checked after (and whenever) prepare_coco wrote it."""
+    return [coco_record(data["root"])] if data["kind"] == "coco" else []
+
+
+def check_settings(data: dict) -> dict:
+    return {key: data.get(key) for key in CHECK_KEYS}
+
+
+def lists_fingerprint(data: dict) -> str:
+    """Content hash of an existing folder's split lists: an edited list re-runs the check.
+
+    A converted COCO folder is tracked through its manifest instead (its lists
+    appear only after prepare_coco, which must not look like an edit). Contents,
+    not mtimes: re-extracting the same archive must not retrain everything.
+    """
+    return split_lists_digest(data["root"]) if data["kind"] == "folder" else "prepared by prepare_coco"
 
 
 def sha256_file(path: str | Path) -> str:
@@ -113,7 +164,8 @@ def _check_pair(image_path: Path, label_path: Path, num_classes: int | None, ign
                 return (f"{label_path} has mode {lab.mode}; labels must be palette (P) or grey (L) PNGs of "
                         f"class indices (a colour-rendered mask is not a label map)")
             if lab.size != image_size:
-                return f"{label_path} is {lab.size[0]}x{lab.size[1]} but {image_path} is {image_size[0]}x{image_size[1]}"
+                return (f"{label_path} is {lab.size[0]}x{lab.size[1]} but {image_path} is "
+                        f"{image_size[0]}x{image_size[1]}")
             counts = np.asarray(lab.histogram()[:256], dtype=np.int64)
     except (OSError, UnidentifiedImageError, SyntaxError) as exc:
         return f"cannot read {label_path} or {image_path}: {exc}"
@@ -210,15 +262,27 @@ def check_data_section(data: dict) -> dict:
                          ignore_index=data.get("ignore_index", 255))
 
 
-def write_report(path: str | Path, report: dict) -> None:
-    """Write the report atomically (temp file + rename): a killed job never leaves a half report."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`, renamed over it only if the block succeeds.
+
+    The same contract as ttdl.io.atomic_path, kept here because ttdl.io imports
+    torch, which would add seconds to every check and conversion job.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        yield tmp_path
+        os.replace(tmp_path, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_report(path: str | Path, report: dict) -> None:
+    """Write a JSON report atomically: a killed job never leaves a half report."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")

@@ -378,6 +378,10 @@ def build_encoder(cfg: dict[str, Any] | None = None) -> TextImageEncoder:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     name = cfg["name"]
+    if name.startswith("flair-"):  # FLAIR checkpoints: key mapping + strict text-tower load (ttdl/flair.py)
+        from .flair import build_flair_encoder
+
+        return build_flair_encoder(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(cfg["seed"]))
         if name == DEFAULT_NAME:

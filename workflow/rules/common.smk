@@ -2,6 +2,7 @@
 import re
 
 from ttdl.config import resolve_adaptation, resolve_run, seed_runs, to_json
+from ttdl.datacheck import check_record
 
 RUNS = list(config["runs"])
 
@@ -44,8 +45,13 @@ def data_ready(root):
     return f"{root}/ImageSets/Segmentation/val.txt"
 
 
+def dataset_ready(data):
+    """What a job reading the `data` section waits for: generated synthetic data, or a passed check."""
+    return data_ready(data["root"]) if data["kind"] == "synthetic" else check_record(data["root"])
+
+
 def data_inputs(wildcards):
-    return data_ready(run_settings(wildcards.run)["data"]["root"])
+    return dataset_ready(run_settings(wildcards.run)["data"])
 
 
 def init_weights(wildcards):

@@ -1,18 +1,20 @@
 # The embedded default dataset, generated deterministically from the config.
 
 
-rule make_data:
-    input:
-        script="scripts/make_data.py",
-    output:
-        train=f"{config['data']['root']}/ImageSets/Segmentation/train.txt",
-        val=data_ready(config["data"]["root"]),
-        classes=f"{config['data']['root']}/classes.txt",
-    params:
-        run=lambda wildcards: to_json({"data": config["data"]}),
-    log:
-        "logs/make_data.log",
-    benchmark:
-        "benchmarks/make_data.tsv"
-    shell:
-        "python {input.script} --run-json {params.run:q} > {log} 2>&1"
+if config["data"]["kind"] == "synthetic":
+
+    rule make_data:
+        input:
+            script="scripts/make_data.py",
+        output:
+            train=f"{config['data']['root']}/ImageSets/Segmentation/train.txt",
+            val=data_ready(config["data"]["root"]),
+            classes=f"{config['data']['root']}/classes.txt",
+        params:
+            run=lambda wildcards: to_json({"data": config["data"]}),
+        log:
+            "logs/make_data.log",
+        benchmark:
+            "benchmarks/make_data.tsv"
+        shell:
+            "python {input.script} --run-json {params.run:q} > {log} 2>&1"

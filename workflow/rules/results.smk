@@ -15,8 +15,10 @@ rule evaluate:
     benchmark:
         "benchmarks/evaluate/{run}.tsv"
     threads: job_threads
+    resources:
+        gpu=1,
     shell:
-        "python {input.script} --run-json {params.run:q} --weights {input.weights} --out {output} > {log} 2>&1"
+        "python scripts/with_gpu_slot.py -- python {input.script} --run-json {params.run:q} --weights {input.weights} --out {output} > {log} 2>&1"
 
 
 rule summarize:

@@ -5,7 +5,7 @@ rule adapt_encoder:
     input:
         script="scripts/adapt_encoder.py",
         weights=adaptation_init,
-        data=lambda wildcards: data_ready(config["data"]["root"]),
+        data=lambda wildcards: dataset_ready(config["data"]),
     output:
         encoder="results/{encoder_adaptation}/encoder.pt",
         metrics="results/{encoder_adaptation}/metrics.json",
@@ -19,7 +19,7 @@ rule adapt_encoder:
     resources:
         gpu=1,
     shell:
-        "python {input.script} --run-json {params.run:q} --weights {input.weights} "
+        "python scripts/with_gpu_slot.py -- python {input.script} --run-json {params.run:q} --weights {input.weights} "
         "--out results/{wildcards.encoder_adaptation} > {log} 2>&1"
 
 
@@ -27,7 +27,7 @@ rule adapt_concat:
     input:
         script="scripts/adapt_encoder.py",
         weights=adaptation_init,
-        data=lambda wildcards: data_ready(config["data"]["root"]),
+        data=lambda wildcards: dataset_ready(config["data"]),
         encoder=concat_encoder_input,
     output:
         adapter="results/{concat_adaptation}/concat_adapter.pt",
@@ -43,7 +43,7 @@ rule adapt_concat:
     resources:
         gpu=1,
     shell:
-        "python {input.script} --run-json {params.run:q} --weights {input.weights} {params.encoder} "
+        "python scripts/with_gpu_slot.py -- python {input.script} --run-json {params.run:q} --weights {input.weights} {params.encoder} "
         "--out results/{wildcards.concat_adaptation} > {log} 2>&1"
 
 
@@ -64,4 +64,4 @@ rule prefill_cache:
     resources:
         gpu=1,
     shell:
-        "python {input.script} --run-json {params.run:q} --weights {input.weights} --out {output} > {log} 2>&1"
+        "python scripts/with_gpu_slot.py -- python {input.script} --run-json {params.run:q} --weights {input.weights} --out {output} > {log} 2>&1"

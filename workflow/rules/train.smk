@@ -26,4 +26,4 @@ rule train:
     resources:
         gpu=1,
     shell:
-        "python {input.script} --run-json {params.run:q} --out results/{wildcards.run} {params.extra} > {log} 2>&1"
+        "python scripts/with_gpu_slot.py -- python {input.script} --run-json {params.run:q} --out results/{wildcards.run} {params.extra} > {log} 2>&1"

@@ -22,6 +22,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from torch import Tensor
 
+from .endpoints import EndpointPool
 from .prompt import DEFAULT_TEMPLATE, SupportExample, build_messages, load_template, synthetic_support
 
 log = logging.getLogger(__name__)
@@ -152,11 +153,14 @@ class HttpDescriber:
     backend = "http"
 
     def __init__(self, cfg: dict, class_names: list[str], support: SupportExample | None = None):
-        missing = [k for k in ("base_url", "model") if not cfg.get(k)]
+        missing = [k for k in ("model",) if not cfg.get(k)]
+        if not (cfg.get("base_url") or cfg.get("base_urls")):
+            missing.insert(0, "base_url")
         if missing:
             raise ValueError(f"describer backend '{self.backend}' needs config key(s): {', '.join(missing)}")
         self.class_names = list(class_names)
-        self.base_url = str(cfg["base_url"]).rstrip("/")
+        self._endpoints = EndpointPool.from_config(cfg)  # base_url / base_urls, server: shared | per_gpu
+        self.base_url = self._endpoints.primary
         self.model = str(cfg["model"])
         self.temperature = float(cfg.get("temperature", 0.1))
         self.seed = int(cfg.get("seed", 42))
@@ -231,7 +235,8 @@ class HttpDescriber:
                     time.sleep(delay)
                 backoff = self.backoff_s * 2**attempt
                 try:
-                    resp = self._session.post(url, json=payload, headers=self.headers(), timeout=self.timeout_s)
+                    with self._endpoints.route(url) as routed:
+                        resp = self._session.post(routed, json=payload, headers=self.headers(), timeout=self.timeout_s)
                 except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
                     last_error = f"{type(exc).__name__}: {exc}"
                     delay = backoff
