@@ -301,10 +301,12 @@ def test_rle_is_column_major_and_both_forms_agree() -> None:
         decode_rle({"size": [13, 17], "counts": counts[:-1]})
 
 
-def test_coco_palette_is_the_voc_palette_of_the_synthetic_set() -> None:
-    from ttdl.coco import voc_palette
-    from ttdl.synthetic import voc_palette as synthetic_palette
-    assert voc_palette() == synthetic_palette() and voc_palette()[15 * 3:15 * 3 + 3] == [192, 128, 128]  # person
+def test_the_shared_palette_is_vocs() -> None:
+    from ttdl.synthetic import voc_palette
+    palette = voc_palette()
+    assert palette[:6] == [0, 0, 0, 128, 0, 0]  # background, aeroplane
+    assert palette[15 * 3:15 * 3 + 3] == [192, 128, 128]  # person
+    assert palette[255 * 3:] == [224, 224, 192]  # void
 
 
 def test_polygon_fill_and_degenerate_parts() -> None:

@@ -38,24 +38,10 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .datacheck import atomic_path
+from .io import atomic_path
+from .synthetic import voc_palette
 
 VOID = 255
-
-
-def voc_palette() -> list[int]:
-    """VOC's colour map (as ttdl.synthetic's, which imports torch via ttdl.io; a test keeps them equal)."""
-    palette = []
-    for index in range(256):
-        r = g = b = 0
-        c = index
-        for shift in range(7, -1, -1):
-            r |= (c & 1) << shift
-            g |= ((c >> 1) & 1) << shift
-            b |= ((c >> 2) & 1) << shift
-            c >>= 3
-        palette += [r, g, b]
-    return palette
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -14,18 +14,16 @@ imports `dataset_key` at parse time and the check job starts in a second.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from .io import atomic_path
 
 VOC2012_COUNTS = {"train": 1464, "val": 1449}
 CHECKS_DIR = "resources/data_checks"
@@ -260,26 +258,6 @@ def check_data_section(data: dict) -> dict:
                          expected_counts=data.get("expected_counts"), split_sha256=data.get("split_sha256"),
                          class_names=data.get("class_names"), image_ext=data.get("image_ext", ".jpg"),
                          ignore_index=data.get("ignore_index", 255))
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`, renamed over it only if the block succeeds.
-
-    The same contract as ttdl.io.atomic_path, kept here because ttdl.io imports
-    torch, which would add seconds to every check and conversion job.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
 
 
 def write_report(path: str | Path, report: dict) -> None:

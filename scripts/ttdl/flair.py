@@ -202,7 +202,7 @@ def load_flair_text_encoder(
         except RuntimeError as exc:
             raise RuntimeError(
                 f"{exc}\nIf this FLAIR checkpoint holds pickled non-tensor objects, convert it once where you "
-                "trust the file: torch.save(torch.load(src, weights_only=False)['state_dict'], dst)"
+                "trust the file: load it with weights_only=False and save only its 'state_dict' tensors"
             ) from exc
     try:
         mapped, report = _map(raw)

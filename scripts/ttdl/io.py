@@ -1,7 +1,9 @@
 """Atomic file writes and safe checkpoint loading.
 
 Every artefact the workflow produces goes through these helpers so that a job
-killed mid-write never leaves a truncated file that a rerun would trust.
+killed mid-write never leaves a truncated file that a rerun would trust. torch is
+imported only where a checkpoint is written or read, so torch-free jobs (data
+checks, conversions) can use the same helpers without paying for the import.
 """
 from __future__ import annotations
 
@@ -11,8 +13,6 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
-
-import torch
 
 
 @contextlib.contextmanager
@@ -41,12 +41,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
-def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+def load_torch(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """Load a checkpoint without unpickling arbitrary objects (weights_only=True)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
