@@ -88,6 +88,39 @@ def evaluate_retrieval(
     return retrieval_top1(img, txt, texts)
 
 
+def train_siglip(params: list, batch_loss, train_idx: Tensor, texts: list[str], *, epochs: int, batch_size: int,
+                 lr: float, weight_decay: float, seed: int, log=None, desc: str = "adapt") -> list[float]:
+    """The SigLIP training loop shared by vle/1 and vle/2; returns the train loss per epoch.
+
+    Every epoch's text-distinct batches are drawn up front so the cosine schedule knows its length.
+    """
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed + 1)
+    plan = []
+    for _ in range(epochs):
+        order = train_idx[torch.randperm(len(train_idx), generator=gen)].tolist()
+        batches = distinct_text_batches(order, texts, batch_size)
+        plan.append([batches[k] for k in torch.randperm(len(batches), generator=gen).tolist()])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, sum(map(len, plan))))
+    train_loss: list[float] = []
+    bar = tqdm(plan, desc=desc, disable=not sys.stderr.isatty())
+    for epoch, batches in enumerate(bar):
+        total, count = 0.0, 0
+        for idx in batches:
+            loss = batch_loss(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM)
+            opt.step()
+            sched.step()
+            total, count = total + loss.item() * len(idx), count + len(idx)
+        train_loss.append(total / max(count, 1))
+        bar.set_postfix(loss=f"{train_loss[-1]:.4f}")
+        if log is not None:
+            log(f"epoch {epoch + 1}/{epochs} train_loss={train_loss[-1]:.4f}")
+    return train_loss
+
+
 def adapt_encoder(
     encoder: TextImageEncoder,
     images: Tensor,
@@ -127,34 +160,13 @@ def adapt_encoder(
     params = encoder.adaptable_parameters()
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed + 1)
-    plan = []  # batches of every epoch, fixed up front so the cosine schedule knows its length
-    for _ in range(epochs):
-        order = train_idx[torch.randperm(len(train_idx), generator=gen)].tolist()
-        batches = distinct_text_batches(order, texts, batch_size)
-        plan.append([batches[k] for k in torch.randperm(len(batches), generator=gen).tolist()])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, sum(map(len, plan))))
-
-    train_loss: list[float] = []
     encoder.train()
-    bar = tqdm(plan, desc="adapt encoder", disable=not sys.stderr.isatty())
-    for epoch, batches in enumerate(bar):
-        total, count = 0.0, 0
-        for idx in batches:
-            img = encoder.encode_image(images[idx])
-            txt = encoder.encode_text([texts[i] for i in idx])
-            loss = siglip_pair_loss(img, txt, encoder.logit_scale, encoder.logit_bias)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM)
-            opt.step()
-            sched.step()
-            total, count = total + loss.item() * len(idx), count + len(idx)
-        train_loss.append(total / count)
-        bar.set_postfix(loss=f"{train_loss[-1]:.4f}")
-        if log is not None:
-            log(f"epoch {epoch + 1}/{epochs} train_loss={train_loss[-1]:.4f}")
+    train_loss = train_siglip(
+        params,
+        lambda idx: siglip_pair_loss(encoder.encode_image(images[idx]), encoder.encode_text([texts[i] for i in idx]),
+                                     encoder.logit_scale, encoder.logit_bias),
+        train_idx, texts, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+        log=log, desc="adapt encoder")
     encoder.eval()
 
     return {

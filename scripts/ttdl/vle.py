@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import io
 from .adapters import ConcatAdapter
-from .adaptation import GRAD_CLIP_NORM, adapt_encoder, distinct_text_batches, retrieval_top1, split_indices
+from .adaptation import adapt_encoder, retrieval_top1, split_indices, train_siglip
 from .encoders import build_encoder, save_adapted
 from .evaluation import load_run, predict_text_batches
 from .losses import siglip_pair_loss
@@ -117,28 +117,9 @@ def train_concat_adapter(gt_emb: torch.Tensor, pr_emb: torch.Tensor, txt_emb: to
     baselines = {"before": held_out(fused),  # the untrained adapter: mean of both embeddings
                  "gt_only": held_out(lambda idx: gt_emb[idx]), "pr_only": held_out(lambda idx: pr_emb[idx])}
     params = list(adapter.parameters()) + [scale, bias]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed + 1)
-    plan = []
-    for _ in range(epochs):
-        order = train_idx[torch.randperm(len(train_idx), generator=gen)].tolist()
-        batches = distinct_text_batches(order, texts, batch_size)
-        plan.append([batches[k] for k in torch.randperm(len(batches), generator=gen).tolist()])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, sum(map(len, plan))))
-    train_loss = []
-    for epoch, batches in enumerate(plan):
-        total, count = 0.0, 0
-        for idx in batches:
-            loss = siglip_pair_loss(fused(idx), txt_emb[idx], scale, bias)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM)
-            opt.step()
-            sched.step()
-            total, count = total + loss.item() * len(idx), count + len(idx)
-        train_loss.append(total / max(count, 1))
-        if log is not None:
-            log(f"epoch {epoch + 1}/{epochs} train_loss={train_loss[-1]:.4f}")
+    train_loss = train_siglip(params, lambda idx: siglip_pair_loss(fused(idx), txt_emb[idx], scale, bias),
+                              train_idx, texts, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.0,
+                              seed=seed, log=log, desc="adapt concat")
     adapter.requires_grad_(False)
     return adapter, baselines | {"n_train": len(train_idx), "n_val": len(val_idx), "epochs": epochs,
                                  "after": held_out(fused), "train_loss": train_loss,
