@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO
+from snakemake_helpers import REPO, SNAKEMAKE, copy_repo
 
-SNAKEMAKE = Path(sys.executable).parent / "snakemake"
-COPIED = ("workflow", "scripts", "config", "profiles")
 GPU_RULES = ("train", "adapt_encoder", "adapt_concat", "prefill_cache", "evaluate")
 
 
@@ -27,9 +23,7 @@ GPU_RULES = ("train", "adapt_encoder", "adapt_concat", "prefill_cache", "evaluat
 def slurm_repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     import snakemake_executor_plugin_slurm  # noqa: F401  (pinned in envs/requirements.txt)
     root = tmp_path_factory.mktemp("slurm")
-    repo = root / "repo"
-    for name in COPIED:
-        shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    repo = copy_repo(root / "repo")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["PATH"] = os.pathsep.join([str(SNAKEMAKE.parent), env.get("PATH", "")])
     return repo, env

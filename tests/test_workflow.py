@@ -3,18 +3,16 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import REPO
+from snakemake_helpers import SNAKEMAKE, job_stats
+from snakemake_helpers import copy_repo as copy_repo_files
 
-SNAKEMAKE = Path(sys.executable).parent / "snakemake"
-COPIED = ("workflow", "scripts", "config", "profiles")
 
 TINY_CONFIG = {
     "data": {"root": "resources/data/synthetic", "resize": 48, "crop": 48,
@@ -28,9 +26,7 @@ TINY_CONFIG = {
 
 
 def copy_repo(dest: Path, config: dict | None = None) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in COPIED:
-        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    copy_repo_files(dest)
     if config is not None:
         (dest / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return dest
@@ -45,24 +41,6 @@ def snakemake(cwd: Path, *args: str, env_extra: dict | None = None, timeout: int
 
 def output_of(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout + proc.stderr
-
-
-def job_stats(text: str) -> dict[str, int]:
-    """The 'Job stats' table of a (dry) run: rule name -> job count."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.strip() == "Job stats:")
-    stats = {}
-    for line in lines[start + 1:]:
-        parts = line.split()
-        if len(parts) != 2 or parts[0] in ("job",) or set(parts[0]) == {"-"}:
-            if stats and not line.strip():
-                break
-            continue
-        stats[parts[0]] = int(parts[1])
-        if parts[0] == "total":
-            break
-    assert "total" in stats, text
-    return stats
 
 
 def train_jobs(text: str) -> set[str]:
