@@ -9,21 +9,27 @@ GPUS ?=
 SNAKEMAKE = $(VENV)/bin/snakemake --cores $(CORES) --configfile=$(CONFIG) $(if $(GPUS),--resources=gpu=$(GPUS))
 STAMP = $(VENV)/.installed
 
-.PHONY: all test venv dry-run lint bench report clean clean-cache help download-voc docker-up docker-down docker-pull docker-exec
+.PHONY: all test test-fast venv dry-run lint bench report clean clean-cache help download-voc docker-up docker-down docker-pull docker-exec
 
 all: $(STAMP)  ## run the whole experiment matrix (results/summary.md)
 	$(SNAKEMAKE) all
 
-test: $(STAMP)  ## run the test suite
+test: $(STAMP)  ## run the test suite (all of it, the slow end-to-end workflow runs included)
 	$(VENV)/bin/python -m pytest
+
+test-fast: $(STAMP)  ## the test suite without the `slow` end-to-end workflow runs (for iterating)
+	$(VENV)/bin/python -m pytest -m "not slow"
 
 venv: $(STAMP)  ## create the virtual environment only
 
-$(STAMP): envs/requirements.txt envs/requirements-nodeps.txt
+# The project itself is installed editable (pyproject.toml): scripts, the Snakefile and the
+# tests import `ttdl` like any package; no file edits sys.path.
+$(STAMP): envs/requirements.txt envs/requirements-nodeps.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -r envs/requirements.txt
 	$(VENV)/bin/python -m pip install --quiet --no-deps -r envs/requirements-nodeps.txt
+	$(VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation --editable .
 	touch $(STAMP)
 
 report: $(STAMP)  ## figures, qualitative panels and the HTML report (results/report.html)
@@ -36,8 +42,10 @@ download-voc: $(STAMP)  ## opt-in (needs a network): download VOC 2012 to resour
 dry-run: $(STAMP)  ## show the jobs `make all` would run
 	$(SNAKEMAKE) -n all
 
-lint: $(STAMP)  ## snakemake's own linter
+lint: $(STAMP)  ## snakemake --lint, snakefmt --check and ruff check (config in pyproject.toml)
 	$(VENV)/bin/snakemake --lint
+	$(VENV)/bin/snakefmt --check workflow
+	$(VENV)/bin/ruff check
 
 clean-cache:  ## remove mask-text caches only (prefills and finetuning caches)
 	if [ -d results ]; then find results \( -name prefill_cache.pt -o -name cache -type d \) -prune -exec rm -rf {} +; fi

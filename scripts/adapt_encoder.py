@@ -4,8 +4,9 @@ vle/2 (kind: concat) trains a concat adapter over [GT overlay || PR overlay] emb
 import argparse
 import json
 
-from ttdl.cli import setup_logging
-from ttdl.vle import run_adaptation, run_concat_adaptation
+from ttdl.core.cli import setup_logging
+from ttdl.core.settings import AdaptationJob
+from ttdl.jobs.encoder_adaptation import run_adaptation_job
 
 
 def main() -> None:
@@ -16,14 +17,12 @@ def main() -> None:
     parser.add_argument("--encoder", help="concat kind: the adapted encoder it builds on (vle/1 output)")
     args = parser.parse_args()
     log = setup_logging()
-    run = json.loads(args.run_json)
-    if run["adaptation"]["kind"] == "concat":
-        metrics = run_concat_adaptation(run, args.weights, args.out, log=log.info, encoder_path=args.encoder)
-    else:
-        metrics = run_adaptation(run, args.weights, args.out, log=log.info)
+    job = AdaptationJob.from_dict(json.loads(args.run_json))
+    metrics = run_adaptation_job(job, args.weights, args.out, log=log.info, encoder_path=args.encoder)
     after = metrics["after"] or {}
+    nan = float("nan")
     log.info("held-out retrieval after adaptation: i2t %.3f t2i %.3f (chance %.3f)",
-             after.get("i2t_top1", float("nan")), after.get("t2i_top1", float("nan")), after.get("chance", float("nan")))
+             after.get("i2t_top1", nan), after.get("t2i_top1", nan), after.get("chance", nan))
 
 
 if __name__ == "__main__":

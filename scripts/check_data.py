@@ -12,8 +12,11 @@ import argparse
 import json
 import sys
 
-from ttdl.cli import setup_logging
-from ttdl.datacheck import VOC2012_COUNTS, DataCheckError, check_data_section, write_report
+from ttdl.core.cli import setup_logging
+from ttdl.core.config import ConfigError
+from ttdl.core.io import write_json
+from ttdl.core.settings import DataSettings
+from ttdl.datasets.voc_check import VOC2012_COUNTS, DataCheckError, check_data_section
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,12 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     log = setup_logging()
     if args.data_json:
-        data = json.loads(args.data_json)
+        values = json.loads(args.data_json)
     else:
-        data = {"root": args.root, "kind": "folder", "expected_counts": VOC2012_COUNTS if args.voc2012 else None}
+        values = {"root": args.root, "kind": "folder", "expected_counts": VOC2012_COUNTS if args.voc2012 else None}
     try:
-        report = check_data_section(data)
-    except DataCheckError as exc:
+        report = check_data_section(DataSettings.from_partial(values, source="check_data"))
+    except (ConfigError, DataCheckError) as exc:
         print(str(exc), file=sys.stderr)
         return 1
     for split, info in report["splits"].items():
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s: %d images, sha256 %s (%s)", split, info["count"], info["sha256"], pinned)
     if any(info["expected_sha256"] is None for info in report["splits"].values()):
         log.info("to detect a changed split list later, pin these in data.split_sha256")
-    write_report(args.out, report)
+    write_json(args.out, report)
     log.info("dataset at %s is complete; report in %s", report["root"], args.out)
     return 0
 

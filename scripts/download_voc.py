@@ -17,8 +17,9 @@ import sys
 import tarfile
 from pathlib import Path
 
-from ttdl.cli import setup_logging
-from ttdl.datacheck import VOC2012_COUNTS, VOC_HOST, VOC_TAR, DataCheckError, check_dataset, write_report
+from ttdl.core.cli import setup_logging
+from ttdl.core.io import write_json
+from ttdl.datasets.voc_check import VOC2012_COUNTS, VOC_HOST, VOC_TAR, DataCheckError, check_dataset
 
 OFFICIAL_URL = VOC_HOST + VOC_TAR
 VOC_MD5 = "6cd6e144f989b92b3379bac3b3de84fd"  # as published with the devkit (and used by torchvision)
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None, session=None) -> int:
         return 1
     if not args.keep_archive:
         archive.unlink()
-    write_report(args.out, {"url": args.url, "md5": args.md5 or None, "root": str(root), "check": report})
+    write_json(args.out, {"url": args.url, "md5": args.md5 or None, "root": str(root), "check": report})
     log.info("VOC 2012 is in %s; split sha256 (pin in data.split_sha256): %s", root,
              {s: info["sha256"] for s, info in report["splits"].items()})
     return 0

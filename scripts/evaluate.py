@@ -2,9 +2,9 @@
 """Evaluate a run's weights.pth on the validation split; writes eval.json."""
 import argparse
 
-from ttdl.cli import add_run_arguments, resolved_run, setup_logging
-from ttdl.evaluation import evaluate_checkpoint
-from ttdl.io import write_json
+from ttdl.core.cli import add_run_arguments, run_settings, setup_logging
+from ttdl.core.io import write_json
+from ttdl.jobs.evaluation import evaluate_checkpoint
 
 
 def main() -> None:
@@ -14,7 +14,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="eval.json to write")
     args = parser.parse_args()
     log = setup_logging()
-    result = evaluate_checkpoint(resolved_run(args), args.weights)
+    result = evaluate_checkpoint(run_settings(args), args.weights)
     write_json(args.out, result)
     log.info("%s: val mIoU %.4f, pixel acc %.4f", result["run_id"], result["miou"], result["pixel_acc"])
 

@@ -4,7 +4,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ttdl.plots import describer_activity, results_bars, summary_table_html, training_curves
+from ttdl.report.plots import describer_activity, results_bars, summary_table_html, training_curves
 
 
 def run_label(run_dir: str, results_root: str) -> str:
@@ -14,9 +14,9 @@ def run_label(run_dir: str, results_root: str) -> str:
 
 
 def table_titles() -> dict[str, str]:
-    """Readable column titles of the results table (key -> title), if ttdl.summary can be imported."""
+    """Readable column titles of the results table (key -> title), if ttdl.report.summary can be imported."""
     try:
-        from ttdl.summary import COLUMNS
+        from ttdl.report.summary import COLUMNS
     except ImportError:
         return {}
     return {key: title for title, key in COLUMNS}

@@ -2,8 +2,8 @@
 """Prefill the mask-text cache from a starting checkpoint (no describer calls)."""
 import argparse
 
-from ttdl.cli import add_run_arguments, resolved_run, setup_logging
-from ttdl.prefill import prefill_cache
+from ttdl.core.cli import add_run_arguments, run_settings, setup_logging
+from ttdl.jobs.prefill import prefill_cache
 
 
 def main() -> None:
@@ -13,7 +13,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="cache file to write, e.g. results/good_ckp/prefill_cache.pt")
     args = parser.parse_args()
     log = setup_logging()
-    info = prefill_cache(resolved_run(args), args.weights, args.out)
+    info = prefill_cache(run_settings(args), args.weights, args.out)
     log.info("prefilled %d keys from %s into %s", info["keys"], args.weights, args.out)
 
 

@@ -14,11 +14,11 @@ import sys
 
 from tqdm import tqdm
 
-from ttdl.cli import setup_logging
-from ttdl.coco import CocoError, convert_coco
-from ttdl.datacheck import write_report
-
-DEFAULT_SPLITS = {"train": "train2017", "val": "val2017"}
+from ttdl.core.cli import setup_logging
+from ttdl.core.config import ConfigError
+from ttdl.core.io import write_json
+from ttdl.core.settings import DataSettings
+from ttdl.datasets.coco import CocoError, convert_coco
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,13 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="conversion manifest JSON (written last)")
     args = parser.parse_args(argv)
     log = setup_logging()
-    data = json.loads(args.data_json)
-    coco = data.get("coco") or {}
     try:
-        manifest = convert_coco(coco.get("root", "resources/coco"), data["root"], coco.get("splits") or DEFAULT_SPLITS,
-                                max_images=coco.get("max_images"),
+        data = DataSettings.from_partial(json.loads(args.data_json), source="prepare_coco")
+        manifest = convert_coco(data.coco.root, data.root, data.coco.splits, max_images=data.coco.max_images,
                                 progress=lambda it: tqdm(it, desc="coco -> voc", mininterval=5))
-    except CocoError as exc:
+    except (ConfigError, CocoError) as exc:
         print(str(exc), file=sys.stderr)
         return 1
     for split, stats in manifest["splits"].items():
@@ -42,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         if stats["missing_categories"]:
             log.warning("%s: COCO categories absent from the annotation file (their VOC classes get no pixels): %s",
                         split, ", ".join(stats["missing_categories"]))
-    write_report(args.out, manifest)
+    write_json(args.out, manifest)
     return 0
 
 

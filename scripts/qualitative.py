@@ -2,8 +2,8 @@
 """Qualitative panel of a finetuning run: val images, GT, PR before/after and the describer's text on each."""
 import argparse
 
-from ttdl.cli import add_run_arguments, resolved_run, setup_logging
-from ttdl.qualitative import qualitative_panel
+from ttdl.core.cli import add_run_arguments, run_settings, setup_logging
+from ttdl.jobs.qualitative import qualitative_panel
 
 
 def main() -> None:
@@ -15,7 +15,7 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=4, help="val images shown (default 4)")
     args = parser.parse_args()
     log = setup_logging()
-    run = resolved_run(args)
+    run = run_settings(args)
     rows = qualitative_panel(run, args.before, args.after, args.out, k=args.num_images)
     for row in rows:
         log.info("%s: image mIoU %.3f -> %.3f", row.uid, row.miou_before, row.miou_after)

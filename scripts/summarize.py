@@ -4,7 +4,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ttdl.summary import experiment_row, write_tables
+from ttdl.report.summary import experiment_row, write_tables
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run a command on its own GPU: `python scripts/with_gpu_slot.py [options] -- cmd args...`.
 
-Takes a free GPU slot (ttdl.gpu_slots), then execs the command with
+Takes a free GPU slot (ttdl.core.gpu_slots), then execs the command with
 CUDA_VISIBLE_DEVICES (and TTDL_GPU_SLOT, TTDL_DESCRIBER_BASE_URL when
 TTDL_DESCRIBER_URLS is set) for that slot. With no GPU the command runs on the
 CPU. The slot is freed when the command exits, however it exits.
@@ -9,7 +9,7 @@ CPU. The slot is freed when the command exits, however it exits.
 import argparse
 import sys
 
-from ttdl.gpu_slots import DEFAULT_LOCK_DIR, ENV_LOCK_DIR, exec_with_slot
+from ttdl.core.gpu_slots import DEFAULT_LOCK_DIR, ENV_LOCK_DIR, exec_with_slot
 
 
 def main() -> None:

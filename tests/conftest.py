@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ttdl.config import deep_merge, resolve_run, validate_config
-from ttdl.synthetic import SyntheticSpec, generate
+from ttdl.core.config import deep_merge, resolve_run, validate_config
+from ttdl.core.settings import RunSettings
+from ttdl.datasets.synthetic import SyntheticSpec, generate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +51,10 @@ def make_tiny_config(data_root: str | Path, runs: dict | None = None, **sections
 
 def make_tiny_run(data_root: str | Path, run_id: str = "0", *, train: dict | None = None,
                   model: dict | None = None, data: dict | None = None, **run_fields) -> dict:
-    """The resolved settings of one tiny run (`train`/`model`/`data` are the run's overrides)."""
+    """The resolved settings of one tiny run as a dict, the form scripts take as --run-json.
+
+    `train`/`model`/`data` and any other section given by name are the run's overrides.
+    """
     run: dict = dict(run_fields)
     for name, section in (("train", train), ("model", model), ("data", data)):
         if section:
@@ -59,11 +63,16 @@ def make_tiny_run(data_root: str | Path, run_id: str = "0", *, train: dict | Non
     return resolve_run(config, run_id)
 
 
+def make_tiny_settings(data_root: str | Path, run_id: str = "0", **kwargs) -> RunSettings:
+    """The typed settings of one tiny run (arguments as make_tiny_run)."""
+    return RunSettings.from_dict(make_tiny_run(data_root, run_id, **kwargs))
+
+
 @pytest.fixture
 def tiny_run(tiny_data):
-    """Factory: tiny_run(run_id="0", train={...}, model={...}) -> resolved run on `tiny_data`."""
-    def factory(run_id: str = "0", **kwargs) -> dict:
-        return make_tiny_run(tiny_data, run_id, **kwargs)
+    """Factory: tiny_run(run_id="0", train={...}, objective={...}) -> RunSettings of a run on `tiny_data`."""
+    def factory(run_id: str = "0", **kwargs) -> RunSettings:
+        return make_tiny_settings(tiny_data, run_id, **kwargs)
     return factory
 
 

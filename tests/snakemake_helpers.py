@@ -7,7 +7,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
-COPIED = ("workflow", "scripts", "config", "profiles")
+COPIED = ("workflow", "scripts", "config", "profiles", ".test")
+# The small config of .test/ (snakemake-workflows convention) in place of the shipped one:
+# without --replace-workflow-config, Snakemake merges it over config/config.yaml.
+TEST_CONFIG = ("--configfile", ".test/config.yaml", "--replace-workflow-config")
 
 
 def copy_repo(dest: Path) -> Path:

@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ttdl.adaptation import adapt_encoder, distinct_text_batches, retrieval_top1, split_indices
-from ttdl.encoders import build_encoder
+from ttdl.core.settings import EncoderSettings
+from ttdl.text.adaptation import adapt_encoder, distinct_text_batches, retrieval_top1, split_indices
+from ttdl.text.encoders import build_encoder
 
 SIZE = 64
 
@@ -46,7 +47,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_adaptation_beats_before_and_chance():
-    encoder = build_encoder({"image_size": SIZE})
+    encoder = build_encoder(EncoderSettings.from_partial({"image_size": SIZE}))
     images, texts = synthetic_pairs(72)
     lines: list[str] = []
     m = adapt_encoder(encoder, images, texts, epochs=10, batch_size=12, lr=1e-3,
@@ -96,7 +97,7 @@ def test_retrieval_counts_duplicate_texts_as_hits():
 
 
 def test_adaptation_rejects_unusable_input():
-    encoder = build_encoder({"image_size": SIZE})
+    encoder = build_encoder(EncoderSettings.from_partial({"image_size": SIZE}))
     images, texts = synthetic_pairs(6)
     with pytest.raises(ValueError, match="two different texts"):
         adapt_encoder(encoder, images, ["same"] * 6, epochs=1, batch_size=4, lr=1e-3, val_fraction=0.0, seed=0)

@@ -4,12 +4,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ttdl.cache import (
+from ttdl.core.settings import CacheSettings
+from ttdl.text.cache import (
     MaskTextCache,
     PercentilePolicy,
     batch_iou,
-    cache_from_config,
+    cache_from_settings,
 )
+
+
+def cache_from_config(section: dict) -> MaskTextCache:
+    """The cache a config's `cache` section (defaults filled by the schema) builds."""
+    return cache_from_settings(CacheSettings.from_partial(section))
 
 
 def mask(*pixels: int, h: int = 4, w: int = 4) -> torch.Tensor:
@@ -28,7 +34,7 @@ def ours() -> MaskTextCache:
 
 
 def seed() -> MaskTextCache:
-    return cache_from_config({"mode": "seed"})
+    return cache_from_config({"mode": "original"})
 
 
 # ---- batch_iou -------------------------------------------------------------
@@ -74,7 +80,7 @@ def tie_batch() -> tuple[list[str], torch.Tensor, torch.Tensor]:
     return keys, before, after
 
 
-@pytest.mark.parametrize("mode, expected", [("seed", list(range(10))), ("ours", [2, 5, 8])])
+@pytest.mark.parametrize("mode, expected", [("original", list(range(10))), ("ours", [2, 5, 8])])
 def test_tie_case(mode: str, expected: list[int]) -> None:
     keys, before, after = tie_batch()
     cache = cache_from_config({"mode": mode})
@@ -104,7 +110,7 @@ def test_changed_mask_size_counts_as_unseen() -> None:
     assert plan.describe == [0] and plan.n_unseen == 1
 
 
-@pytest.mark.parametrize("mode, described", [("ours", []), ("seed", [0])])
+@pytest.mark.parametrize("mode, described", [("ours", []), ("original", [0])])
 def test_empty_vs_empty_in_cache(mode: str, described: list[int]) -> None:
     cache = cache_from_config({"mode": mode})
     cache.record_masks(["k-1", "k-2"], stack(mask(), mask(3)))
@@ -112,11 +118,11 @@ def test_empty_vs_empty_in_cache(mode: str, described: list[int]) -> None:
     assert plan.describe == described
 
 
-def test_reuse_semantics_and_counters() -> None:
+def test_reuse_semantics_and_stats() -> None:
     keys = ["a-1", "b-1", "c-1", "d-1"]
     masks = stack(mask(0), mask(1), mask(2), mask(3))
-    for mode, reuse in (("ours", [0, 1]), ("seed", [])):
-        # q=0 so the seed's tie flaw does not describe everything here
+    for mode, reuse in (("ours", [0, 1]), ("original", [])):
+        # q=0 so the original's tie flaw does not describe everything here
         cache = cache_from_config({"mode": mode, "percentile": 0.0})
         cache.update(keys[:2], masks[:2], ["text a", "text b"])
         cache.record_masks(keys[2:], masks[2:])  # masks without text
@@ -126,11 +132,8 @@ def test_reuse_semantics_and_counters() -> None:
         assert plan.describe == [3]
         assert plan.reuse == reuse
         assert plan.skipped == [i for i in (0, 1, 2) if i not in reuse]
-        assert (cache.described, cache.reused, cache.skipped) == (1, len(reuse), 3 - len(reuse))
-        assert cache.hit_rate() == pytest.approx(3 / 4)
-        assert cache.stats()["keys"] == 4 and cache.stats()["texts"] == 2
-        cache.reset_stats()
-        assert cache.hit_rate() == 0.0 and cache.described == 0
+        assert (plan.n_describe, plan.n_reuse, plan.n_skipped) == (1, len(reuse), 3 - len(reuse))
+        assert cache.stats() == {"keys": 4, "texts": 2}
 
 
 def test_update_none_text_keeps_previous_text_but_stores_mask() -> None:
@@ -151,7 +154,6 @@ def test_record_masks_keeps_text_then_plan() -> None:
     cache.record_masks(["k-1", "p-2"], stack(mask(0, 1), mask(7)))
     assert cache.text("k-1") == "a text" and cache.text("p-2") is None
     assert torch.equal(cache.mask("k-1"), mask(0, 1))
-    assert cache.described == 0  # prefill makes no decisions
     plan = cache.plan(["k-1", "p-2"], stack(mask(0, 1), mask(7)))
     assert plan.describe == [] and plan.reuse == [0] and plan.skipped == [1]
 
@@ -245,13 +247,14 @@ def test_inconsistent_state_rejected() -> None:
 
 
 # ---- config ----------------------------------------------------------------
-def test_cache_from_config_modes_and_overrides() -> None:
+def test_cache_from_settings_modes_and_overrides() -> None:
     s = seed()
     assert (s.policy.q, s.policy.skip_unchanged, s.empty_vs_empty, s.reuse_cached_text) == (0.4, False, 0.0, False)
     o = cache_from_config({})
     assert (o.policy.q, o.policy.skip_unchanged, o.empty_vs_empty, o.reuse_cached_text) == (0.4, True, 1.0, True)
     mixed = cache_from_config(
-        {"mode": "seed", "percentile": 0.25, "skip_unchanged": True, "empty_vs_empty": None, "reuse_cached_text": True}
+        {"mode": "original", "percentile": 0.25, "skip_unchanged": True, "empty_vs_empty": None,
+         "reuse_cached_text": True}
     )
     assert (mixed.policy.q, mixed.policy.skip_unchanged, mixed.empty_vs_empty, mixed.reuse_cached_text) == (
         0.25, True, 0.0, True,

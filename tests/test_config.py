@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from ttdl.config import ConfigError, load_config, resolve_run, validate_config
+from ttdl.core.config import ConfigError, load_config, resolve_run, validate_config
+from ttdl.core.settings import RunSettings
 
 
 def minimal(**extra) -> dict:
@@ -167,3 +168,63 @@ def test_the_shipped_config_is_valid() -> None:
     assert config["runs"] and set(config["summary"]) <= set(config["runs"])
     for run_id in config["runs"]:
         resolve_run(config, run_id)
+
+
+# ---- resolution is memoised, never shared ----------------------------------------------
+
+def test_resolved_sections_are_fresh_copies() -> None:
+    config = validate_config(minimal())
+    first = resolve_run(config, "a")
+    first["train"]["lr"] = 123.0
+    first["data"]["synthetic"]["num_train"] = -1
+    again = resolve_run(config, "a")
+    assert again["train"]["lr"] == 0.001 and again["data"]["synthetic"]["num_train"] == 240
+    assert again["train"] is not resolve_run(config, "a")["train"]
+
+
+def test_a_bad_override_is_reported_even_after_good_runs_resolved() -> None:
+    config = validate_config(minimal())
+    resolve_run(config, "a")
+    config["runs"]["c"] = {"train": {"epochs": 0}}
+    with pytest.raises(ConfigError, match=r"runs\.c\.train\.epochs"):
+        resolve_run(config, "c")
+
+
+def test_each_distinct_section_is_validated_once(monkeypatch) -> None:
+    """Planning resolves every run many times; validation must not scale with that."""
+    import ttdl.core.config as config_module
+
+    overlay = yaml.safe_load((REPO / "config" / "full.yaml").read_text())
+    config = load_config(REPO / "config" / "config.yaml", overlay)
+    config_module._FILLED.clear()
+    calls: list[str] = []
+    real = config_module._validate
+    monkeypatch.setattr(config_module, "_validate", lambda *a, **k: (calls.append(k.get("prefix")), real(*a, **k)))
+    for _ in range(3):
+        resolved = [resolve_run(config, run_id) for run_id in config["runs"]]
+    distinct = {(name, repr(run[name])) for run in resolved for name in run if isinstance(run[name], dict)}
+    assert 0 < len(calls) <= len(distinct) < 7 * len(config["runs"])
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "full.yaml", "voc.yaml", "coco.yaml"])
+def test_memoised_resolution_equals_a_fresh_one(name) -> None:
+    import ttdl.core.config as config_module
+
+    path = REPO / "config" / name
+    overlay = None if name == "config.yaml" else yaml.safe_load(path.read_text())
+    config = load_config(REPO / "config" / "config.yaml", overlay)
+    memoised = {run_id: resolve_run(config, run_id) for run_id in config["runs"]}
+    for run_id, settings in memoised.items():
+        config_module._FILLED.clear()
+        assert resolve_run(config, run_id) == settings
+        assert RunSettings.from_dict(settings).to_dict() == settings
+
+
+def test_run_settings_need_a_resolved_run() -> None:
+    settings = resolve_run(validate_config(minimal()), "b")
+    typed = RunSettings.from_dict(settings)
+    assert typed.init == "a" and typed.model.bn_momentum == 0.2 and typed.train.epochs == 10
+    with pytest.raises(ConfigError, match="prefill"):
+        RunSettings.from_dict({k: v for k, v in settings.items() if k != "prefill"})
+    ce_only = {k: v for k, v in settings.items() if k not in ("describer", "encoder", "cache")}
+    assert RunSettings.from_dict(ce_only) == typed  # sections the workflow drops come back as the defaults

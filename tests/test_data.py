@@ -9,7 +9,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from ttdl.data import DatasetError, SegmentationFolder, read_class_names, read_split, resize_and_crop
+from ttdl.core.data import (
+    DatasetError,
+    SegmentationFolder,
+    class_names_of,
+    read_class_names,
+    read_split,
+    resize_and_crop,
+    split_of,
+)
 
 VOID = 255
 # a hand-made palette (not the generator's): class k -> (40k, 255 - 40k, 7k), void -> light grey
@@ -119,6 +127,17 @@ def test_synthetic_set_through_the_same_loader(tiny_data) -> None:
     assert sample["image"].shape == (3, 48, 48) and sample["mask"].shape == (48, 48)
     with Image.open(tiny_data / "SegmentationClass" / f"{sample['uid']}.png") as png:
         assert torch.equal(sample["mask"], torch.from_numpy(np.array(png).astype(np.int64)))
+
+
+def test_a_run_reads_its_splits_through_its_settings(tiny_run) -> None:
+    run = tiny_run(train={"hflip": True}, data={"image_ext": ".jpg"})
+    train, val = split_of(run.data, "train", run.train), split_of(run.data, "val", run.train)
+    assert (train.hflip, train.seed, val.hflip) == (True, run.train.seed, False)  # only train is augmented
+    assert train.resize == run.data.resize and train.crop == run.data.crop and train.image_ext == ".jpg"
+    assert not split_of(run.data, "train").hflip  # without train settings: no augmentation
+    assert not split_of(run.data, "train", run.train.replace(hflip=False)).hflip
+    assert class_names_of(run.data)[0] == "background"
+    assert class_names_of(run.data.replace(class_names=["bg", "thing"])) == ["bg", "thing"]
 
 
 # ---- deterministic flips -----------------------------------------------------

@@ -16,24 +16,38 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO
-from snakemake_helpers import SNAKEMAKE, copy_repo, job_stats
-from ttdl.coco import (VOC_CLASSES, CocoError, convert_coco, decode_rle, paint_label, polygon_mask,
-                       rle_counts_from_string, voc_index_of_categories)
-from ttdl.config import deep_merge, resolve_run, validate_config
-from ttdl.data import SegmentationFolder, read_class_names
-from ttdl.datacheck import (DataCheckError, check_dataset, check_inputs, check_record, coco_record, dataset_key,
-                            key_pattern, lists_fingerprint, real_datasets)
-
 import check_data  # the thin CLIs in scripts/ (pytest's pythonpath), called in-process
 import download_voc
 import prepare_coco
+from conftest import REPO
+from snakemake_helpers import SNAKEMAKE, copy_repo, job_stats
+from ttdl.core.config import deep_merge, resolve_run, validate_config
+from ttdl.core.data import SegmentationFolder, read_class_names
+from ttdl.datasets.coco import (
+    VOC_CLASSES,
+    CocoError,
+    convert_coco,
+    decode_rle,
+    paint_label,
+    polygon_mask,
+    voc_index_of_categories,
+)
+from ttdl.datasets.voc_check import (
+    DataCheckError,
+    check_dataset,
+    check_inputs,
+    check_record,
+    coco_record,
+    dataset_key,
+    key_pattern,
+    lists_fingerprint,
+    real_datasets,
+)
 
 VOID = 255
 PERSON, CAR, SOFA, DININGTABLE = (VOC_CLASSES.index(n) for n in ("person", "car", "sofa", "diningtable"))
 
-# What the lead adds to workflow/schemas/config.schema.yaml (definitions.data.properties);
-# applied here only where the schema does not have the key yet.
+
 # ---- a VOCdevkit/VOC2012 fixture -------------------------------------------------------
 
 def palette_png(label: np.ndarray, path: Path) -> None:
@@ -170,6 +184,9 @@ def test_check_data_cli_writes_the_report_or_exits_1_with_the_explanation(voc, t
     assert not out.exists()
     err = capsys.readouterr().err
     assert "expected 1464" in err and "host.robots.ox.ac.uk" in err and "Traceback" not in err
+    # the section is validated against the schema before anything is read
+    assert check_data.main(["--data-json", json.dumps(data | {"kind": "voc"}), "--out", str(out)]) == 1
+    assert "data.kind" in capsys.readouterr().err and not out.exists()
 
 
 def test_dataset_key_is_readable_and_distinguishes_roots() -> None:
@@ -196,7 +213,7 @@ def test_workflow_glue_keys_and_fingerprint(voc) -> None:
     assert lists_fingerprint(folder) != before
 
 
-# ---- COCO RLE and polygons -------------------------------------------------------------
+# ---- COCO RLE and polygons (decoded by pycocotools; checked against hand-computed masks) ----
 
 def encode_counts(counts: list[int]) -> str:
     """COCO's rleToString (maskApi.c), written independently for the tests."""
@@ -228,14 +245,30 @@ def counts_of(mask: np.ndarray) -> list[int]:
 def test_compressed_rle_hand_vectors() -> None:
     # '5','3','4' are plain 5-bit groups; 'O' (31) is -1 with the sign bit, added to the count
     # two back (3) -> 2; 'T3' is 100 = 4 + 3<<5 with the continuation bit on 'T'.
-    assert rle_counts_from_string("534O") == [5, 3, 4, 2]
-    assert rle_counts_from_string("T3") == [100]
     assert encode_counts([5, 3, 4, 2]) == "534O" and encode_counts([100]) == "T3"
+    # runs 5 off, 3 on, 4 off, 2 on, walking a 2x7 image column by column
+    assert decode_rle({"size": [2, 7], "counts": "534O"}).astype(int).tolist() == [[0, 0, 0, 1, 0, 0, 1],
+                                                                                  [0, 0, 1, 1, 0, 0, 1]]
+    assert not decode_rle({"size": [10, 10], "counts": "T3"}).any()
     rng = np.random.default_rng(0)
-    counts = [int(v) for v in rng.integers(0, 5000, size=40)]
-    assert rle_counts_from_string(encode_counts(counts)) == counts
-    with pytest.raises(ValueError, match="truncated"):
-        rle_counts_from_string("T")
+    counts = [int(v) for v in rng.integers(1, 5000, size=40)]
+    h = sum(counts) // 7 + 1
+    counts[-1] += h * 7 - sum(counts)
+    mask = decode_rle({"size": [h, 7], "counts": encode_counts(counts)})
+    assert np.array_equal(mask, decode_rle({"size": [h, 7], "counts": counts})) and counts_of(mask) == counts
+
+
+@pytest.mark.parametrize("counts, reason", [
+    ("53", "does not cover exactly"),   # runs for 8 of the 14 pixels
+    ("534O5", "Invalid RLE"),           # one run too many
+    ("T", "complete compressed RLE"),   # the last group announces another one
+    ("5a~", "complete compressed RLE"),  # '~' is outside the alphabet
+    ([5, 3, 4], "sum to 12, expected 2x7=14"),
+    ([5, -3, 4, 8], "negative run length"),
+])
+def test_malformed_rle_is_rejected_before_pycocotools_trusts_it(counts, reason) -> None:
+    with pytest.raises(ValueError, match=reason):
+        decode_rle({"size": [2, 7], "counts": counts})
 
 
 def test_rle_is_column_major_and_both_forms_agree() -> None:
@@ -250,7 +283,7 @@ def test_rle_is_column_major_and_both_forms_agree() -> None:
 
 
 def test_the_shared_palette_is_vocs() -> None:
-    from ttdl.synthetic import voc_palette
+    from ttdl.datasets.synthetic import voc_palette
     palette = voc_palette()
     assert palette[:6] == [0, 0, 0, 128, 0, 0]  # background, aeroplane
     assert palette[15 * 3:15 * 3 + 3] == [192, 128, 128]  # person
@@ -258,19 +291,31 @@ def test_the_shared_palette_is_vocs() -> None:
 
 
 def test_polygon_fill_and_degenerate_parts() -> None:
+    # COCO's pixel grid: pixel (x, y) covers [x, x+1) x [y, y+1), so the rectangle with corners
+    # (2, 1) and (6, 3) covers columns 2..5 and rows 1..2: 8 pixels, its geometric area.
     mask = polygon_mask([[2, 1, 6, 1, 6, 3, 2, 3], [0, 0, 1, 1]], h=5, w=8)  # second part: 2 points, no area
     expected = np.zeros((5, 8), bool)
-    expected[1:4, 2:7] = True
+    expected[1:3, 2:6] = True
+    assert np.array_equal(mask, expected)
+    assert not polygon_mask([[0, 0, 1, 1]], h=5, w=8).any()
+
+
+def test_polygon_parts_are_united_and_clipped_to_the_image() -> None:
+    mask = polygon_mask([[0, 0, 3, 0, 3, 2, 0, 2], [2, 1, 5, 1, 5, 4, 2, 4], [6, 3, 9, 3, 9, 9, 6, 9]], h=5, w=8)
+    expected = np.zeros((5, 8), bool)
+    expected[0:2, 0:3] = True   # first part
+    expected[1:4, 2:5] = True   # second part, overlapping the first
+    expected[3:5, 6:8] = True   # third part, cut at the image's right and bottom edges
     assert np.array_equal(mask, expected)
 
 
 def test_paint_order_is_by_area_not_file_order_and_crowd_is_void() -> None:
     voc_index = voc_index_of_categories([{"id": 1, "name": "person"}, {"id": 3, "name": "car"},
                                          {"id": 25, "name": "giraffe"}])
-    small = {"id": 1, "category_id": 3, "area": 4, "segmentation": [[2, 2, 3, 2, 3, 3, 2, 3]]}
-    large = {"id": 2, "category_id": 1, "area": 64, "segmentation": [[0, 0, 7, 0, 7, 7, 0, 7]]}
-    crowd = {"id": 3, "category_id": 1, "area": 8, "iscrowd": 1, "segmentation": [[5, 5, 6, 5, 6, 6, 5, 6]]}
-    giraffe = {"id": 4, "category_id": 25, "area": 2, "segmentation": [[0, 0, 1, 0, 1, 1, 0, 1]]}
+    small = {"id": 1, "category_id": 3, "area": 4, "segmentation": [[2, 2, 4, 2, 4, 4, 2, 4]]}
+    large = {"id": 2, "category_id": 1, "area": 64, "segmentation": [[0, 0, 8, 0, 8, 8, 0, 8]]}
+    crowd = {"id": 3, "category_id": 1, "area": 4, "iscrowd": 1, "segmentation": [[5, 5, 7, 5, 7, 7, 5, 7]]}
+    giraffe = {"id": 4, "category_id": 25, "area": 4, "segmentation": [[0, 0, 2, 0, 2, 2, 0, 2]]}
     label = paint_label({"height": 8, "width": 8}, [small, giraffe, crowd, large], voc_index)
     assert (label[2:4, 2:4] == CAR).all()      # painted after the larger person
     assert (label[5:7, 5:7] == VOID).all()     # crowd of a VOC class
@@ -307,14 +352,14 @@ def coco(tmp_path) -> Path:
         "annotations": [
             {"id": 11, "image_id": 139, "category_id": 3, "iscrowd": 0, "area": 30.0, "bbox": [10, 10, 6, 5],
              "segmentation": {"size": [30, 40], "counts": encode_counts(counts_of(car))}},
-            {"id": 10, "image_id": 139, "category_id": 1, "iscrowd": 0, "area": 725.0, "bbox": [2, 2, 28, 24],
+            {"id": 10, "image_id": 139, "category_id": 1, "iscrowd": 0, "area": 672.0, "bbox": [2, 2, 28, 24],
              "segmentation": [rect(2, 2, 30, 26)]},
             {"id": 12, "image_id": 139, "category_id": 1, "iscrowd": 1, "area": 48.0, "bbox": [32, 0, 8, 6],
              "segmentation": {"size": [30, 40], "counts": counts_of(crowd)}},
-            {"id": 13, "image_id": 139, "category_id": 25, "iscrowd": 0, "area": 20.0, "bbox": [34, 20, 5, 9],
+            {"id": 13, "image_id": 139, "category_id": 25, "iscrowd": 0, "area": 45.0, "bbox": [34, 20, 5, 9],
              "segmentation": [rect(34, 20, 39, 29)]},
             {"id": 14, "image_id": 5, "category_id": 25, "iscrowd": 0, "area": 100.0, "bbox": [0, 0, 10, 10],
-             "segmentation": [rect(0, 0, 9, 9)]},
+             "segmentation": [rect(0, 0, 10, 10)]},
             {"id": 15, "image_id": 7, "category_id": 1, "iscrowd": 1, "area": 400.0, "bbox": [0, 0, 20, 20],
              "segmentation": {"size": [20, 20], "counts": counts_of(only_crowd)}},
         ],
@@ -323,9 +368,9 @@ def coco(tmp_path) -> Path:
     val = {
         "images": [{"id": 200, "file_name": "000000000200.jpg", "height": 16, "width": 16}],
         "annotations": [
-            {"id": 20, "image_id": 200, "category_id": 63, "iscrowd": 0, "area": 63.0, "bbox": [2, 2, 8, 6],
+            {"id": 20, "image_id": 200, "category_id": 63, "iscrowd": 0, "area": 48.0, "bbox": [2, 2, 8, 6],
              "segmentation": [rect(2, 2, 10, 8)]},
-            {"id": 21, "image_id": 200, "category_id": 67, "iscrowd": 0, "area": 16.0, "bbox": [4, 4, 3, 3],
+            {"id": 21, "image_id": 200, "category_id": 67, "iscrowd": 0, "area": 9.0, "bbox": [4, 4, 3, 3],
              "segmentation": [rect(4, 4, 7, 7)]},
         ],
         "categories": categories,
@@ -341,7 +386,7 @@ def coco(tmp_path) -> Path:
 
 def expected_coco_train() -> np.ndarray:
     label = np.zeros((30, 40), np.uint8)
-    label[2:27, 2:31] = PERSON   # PIL fills polygon edges inclusively
+    label[2:26, 2:30] = PERSON   # COCO's pixel grid: x 2..30 covers columns 2..29 (28x24 = its area)
     label[10:15, 10:16] = CAR    # smaller, listed first in the file, still on top
     label[0:6, 32:40] = VOID     # crowd person; the giraffe at 34..39 x 20..29 stays background
     return label
@@ -349,8 +394,8 @@ def expected_coco_train() -> np.ndarray:
 
 def expected_coco_val() -> np.ndarray:
     label = np.zeros((16, 16), np.uint8)
-    label[2:9, 2:11] = SOFA
-    label[4:8, 4:8] = DININGTABLE
+    label[2:8, 2:10] = SOFA
+    label[4:7, 4:7] = DININGTABLE
     return label
 
 
@@ -374,7 +419,7 @@ def test_coco_converts_to_a_voc_folder_the_loader_and_the_check_read(coco, tmp_p
         assert png.mode == "P" and np.array_equal(np.array(png), expected_coco_train())
     assert (out / "JPEGImages/000000000139.jpg").read_bytes() == (coco / "train2017/000000000139.jpg").read_bytes()
     report = check_dataset(out, kind="coco")
-    assert report["num_classes"] == 21 and report["splits"]["val"]["label_pixels"][str(SOFA)] == 63 - 16
+    assert report["num_classes"] == 21 and report["splits"]["val"]["label_pixels"][str(SOFA)] == 48 - 9
 
 
 def test_coco_limit_missing_files_and_bad_rle(coco, tmp_path) -> None:
@@ -400,6 +445,9 @@ def test_prepare_coco_cli(coco, tmp_path) -> None:
     assert json.loads(manifest.read_text())["splits"]["val"]["written"] == 1
     assert prepare_coco.main(["--data-json", json.dumps(data | {"coco": {"root": str(tmp_path / "x")}}),
                               "--out", str(tmp_path / "m2.json")]) == 1
+    empty = data | {"coco": {"root": str(coco), "splits": {}}}
+    assert prepare_coco.main(["--data-json", json.dumps(empty), "--out", str(tmp_path / "m3.json")]) == 1
+    assert not (tmp_path / "m2.json").exists() and not (tmp_path / "m3.json").exists()
 
 
 # ---- opt-in VOC download ----------------------------------------------------------------

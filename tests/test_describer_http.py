@@ -18,8 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ttdl.describers import DescribeRequest, DescriberError, build_describer
-from ttdl.describers.prompt import DEFAULT_TEMPLATE
+from ttdl.core.settings import DescriberSettings
+from ttdl.text.describers import DescribeRequest, DescriberError, build_describer
+from ttdl.text.describers.prompt import DEFAULT_TEMPLATE
 
 NAMES = ["background", "circle", "square"]
 SECRET = "sk-test-SECRET-value-123"
@@ -91,12 +92,13 @@ def server() -> Iterator[FakeServer]:
     s.close()
 
 
-def cfg(server_url: str, backend: str, **over: Any) -> dict:
+def cfg(server_url: str, backend: str, **over: Any) -> DescriberSettings:
+    """The describer section of a run: these values, the schema's defaults for the rest."""
     base = server_url + ("/v1" if backend == "openai" else "")
     c = {"backend": backend, "base_url": base, "model": "m", "retries": 2, "backoff_s": 0.01,
          "timeout_s": 5, "image_size": 32, "max_concurrency": 4, "prompt_template": TEMPLATE}
     c.update(over)
-    return c
+    return DescriberSettings.from_partial(c)
 
 
 def requests_(n: int = 1) -> list[DescribeRequest]:
@@ -252,4 +254,4 @@ def test_config_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="TTDL_UNSET_VAR"):
         build_describer(cfg("http://127.0.0.1:1", "openai", api_key_env="TTDL_UNSET_VAR"), NAMES)
     with pytest.raises(ValueError, match="base_url"):
-        build_describer({"backend": "ollama", "model": "m"}, NAMES)
+        build_describer(DescriberSettings.from_partial({"backend": "ollama", "model": "m"}), NAMES)

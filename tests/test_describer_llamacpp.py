@@ -14,8 +14,9 @@ from typing import Iterator
 import pytest
 import torch
 
-from ttdl.describers import DescribeRequest, build_describer
-from ttdl.describers.prompt import DEFAULT_TEMPLATE
+from ttdl.core.settings import DescriberSettings
+from ttdl.text.describers import DescribeRequest, build_describer
+from ttdl.text.describers.prompt import DEFAULT_TEMPLATE
 
 NAMES = ["background", "circle", "square"]
 
@@ -62,10 +63,11 @@ def test_openai_backend_against_llamacpp(llama_server: str) -> None:
     pr[:, :20] = 0
     reqs = [DescribeRequest(f"u{i}-1", torch.rand(3, 48, 48), gt, pr, 1, "circle", NAMES) for i in range(2)]
     d = build_describer(
-        {"backend": "openai", "base_url": f"{llama_server}/v1", "model": "smollm2", "send_images": False,
-         "max_tokens": 16, "temperature": 0.1, "seed": 42, "timeout_s": 60, "retries": 1, "backoff_s": 0.5,
-         "max_concurrency": 2, "image_size": 32,
-         "prompt_template": str(Path(__file__).resolve().parents[1] / DEFAULT_TEMPLATE)},
+        DescriberSettings.from_partial(
+            {"backend": "openai", "base_url": f"{llama_server}/v1", "model": "smollm2", "send_images": False,
+             "max_tokens": 16, "temperature": 0.1, "seed": 42, "timeout_s": 60, "retries": 1, "backoff_s": 0.5,
+             "max_concurrency": 2, "image_size": 32,
+             "prompt_template": str(Path(__file__).resolve().parents[1] / DEFAULT_TEMPLATE)}),
         NAMES,
     )
     try:

@@ -8,16 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ttdl.describers import (
-    DescribeRequest,
+from ttdl.core.config import ConfigError
+from ttdl.core.settings import DescriberSettings
+from ttdl.text.describers import (
     Describer,
+    DescribeRequest,
     build_describer,
     clean_answer,
     load_template,
     make_support_example,
 )
-from ttdl.describers.prompt import DEFAULT_TEMPLATE
-from ttdl.describers.rules import label_components
+from ttdl.text.describers.prompt import DEFAULT_TEMPLATE
+from ttdl.text.describers.rules import label_components
 
 NAMES = ["background", "circle", "square", "triangle", "ring", "star", "cross"]
 SIZE = 96
@@ -30,7 +32,7 @@ IMAGE = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
 
 
 def texts(pr: torch.Tensor, gt: torch.Tensor = GT, class_index: int = 1, cfg: dict | None = None) -> list[str]:
-    d = build_describer({"backend": "rules", **(cfg or {})}, NAMES)
+    d = build_describer(DescriberSettings.from_partial({"backend": "rules", **(cfg or {})}), NAMES)
     reqs = [DescribeRequest(k, IMAGE, gt, pr, class_index, NAMES[class_index], NAMES) for k in KEYS]
     out = d.describe(reqs)
     assert all(isinstance(t, str) and t for t in out)
@@ -148,7 +150,7 @@ def test_large_masks_are_downsampled_and_stats_count() -> None:
     big_gt = F.interpolate(GT[None, None].float(), size=(400, 400), mode="nearest")[0, 0].long()
     pr = big_gt.clone()
     pr[:, :200] = 0
-    d = build_describer({"backend": "rules", "analysis_size": 128}, NAMES)
+    d = build_describer(DescriberSettings.from_partial({"backend": "rules", "analysis_size": 128}), NAMES)
     out = d.describe([DescribeRequest("k-1", torch.rand(3, 400, 400), big_gt, pr, 1, "circle", NAMES)] * 3)
     assert "left" in out[0].lower() and "incomplete" in out[0].lower()
     assert isinstance(d, Describer)
@@ -209,7 +211,9 @@ def test_clean_answer_truncates_to_max_words() -> None:
 
 def test_unknown_backend_lists_known_ones() -> None:
     with pytest.raises(ValueError, match=r"nope.*ollama.*openai.*rules"):
-        build_describer({"backend": "nope"}, NAMES)
+        build_describer(DescriberSettings.from_partial({}).replace(backend="nope"), NAMES)
+    with pytest.raises(ConfigError, match=r"describer.backend.*nope"):  # a config never gets that far
+        DescriberSettings.from_partial({"backend": "nope"})
 
 
 def test_shifted_prediction_of_missed_object_is_hallucination() -> None:

@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ttdl.encoders as E
-from ttdl.encoders import build_encoder, load_adapted, minilm_model_dir, save_adapted
-
+import ttdl.text.encoders as E
+from ttdl.core.config import ConfigError
+from ttdl.core.settings import EncoderSettings
+from ttdl.text.encoders import build_encoder, load_adapted, minilm_model_dir, save_adapted
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -123,10 +124,10 @@ def test_missing_minilm_weights_are_reported(monkeypatch, tmp_path):
 
 
 def test_bad_config_is_rejected():
-    with pytest.raises(ValueError, match="unknown encoder config keys"):
-        build_encoder({"nmae": "minilm-vit"})
+    with pytest.raises(ConfigError, match="encoder.*'nmae'"):  # the schema names the unknown key
+        EncoderSettings.from_partial({"nmae": "minilm-vit"})
     with pytest.raises(ValueError, match="schemas are not allowed"):
-        build_encoder({"name": "hf-hub:someone/model", "weights": "x.pt"})
+        build_encoder(EncoderSettings.from_partial({"name": "hf-hub:someone/model", "weights": "x.pt"}))
 
 
 def test_adapted_roundtrip_and_mismatch(enc, tmp_path):
@@ -139,7 +140,8 @@ def test_adapted_roundtrip_and_mismatch(enc, tmp_path):
     path = tmp_path / "adapted.pt"
     save_adapted(enc, path)
 
-    other = build_encoder({"adapted": str(path), "seed": 7})  # another init: values must come from the file
+    # another init: values must come from the file
+    other = build_encoder(EncoderSettings.from_partial({"adapted": str(path), "seed": 7}))
     for mine, theirs in zip(enc.adaptable_parameters(), other.adaptable_parameters()):
         assert torch.equal(mine, theirs)
     images = torch.rand(1, 3, 112, 112)
@@ -181,7 +183,7 @@ def tiny_weights(tmp_path_factory):
 @pytest.mark.parametrize("fname", ["tiny.pt", "tiny.safetensors"])
 def test_open_clip_model_loads_local_weights(tiny_weights, fname):
     root, sd = tiny_weights
-    tiny = build_encoder({"name": TINY, "weights": str(root / fname)})
+    tiny = build_encoder(EncoderSettings.from_partial({"name": TINY, "weights": str(root / fname)}))
     loaded = tiny.model.state_dict()
     assert loaded.keys() == sd.keys()
     assert all(torch.equal(loaded[k], v) for k, v in sd.items())
@@ -191,17 +193,18 @@ def test_open_clip_model_loads_local_weights(tiny_weights, fname):
 
 def test_open_clip_forced_image_size_resizes_position_grid(tiny_weights):
     root, _ = tiny_weights
-    tiny = build_encoder({"name": TINY, "weights": str(root / "tiny.pt"), "image_size": 64})
+    tiny = build_encoder(EncoderSettings.from_partial({"name": TINY, "weights": str(root / "tiny.pt"),
+                                                       "image_size": 64}))
     _, patches, grid = tiny.encode_image_tokens(torch.rand(1, 3, 64, 64))
     assert grid == (4, 4) and patches.shape == (1, 16, 32)
 
 
 def test_open_clip_refuses_missing_or_unsafe_weights(tiny_weights, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
-        build_encoder({"name": TINY, "weights": str(tmp_path / "nope.pt")})
+        build_encoder(EncoderSettings.from_partial({"name": TINY, "weights": str(tmp_path / "nope.pt")}))
     with pytest.raises(ValueError, match="needs `weights:`"):
-        build_encoder({"name": TINY})
+        build_encoder(EncoderSettings.from_partial({"name": TINY}))
     pickled = tmp_path / "pickled.pt"
     torch.save({"state_dict": argparse.Namespace(a=1)}, pickled)  # needs full unpickling
     with pytest.raises(RuntimeError, match="cannot load checkpoint"):
-        build_encoder({"name": TINY, "weights": str(pickled)})
+        build_encoder(EncoderSettings.from_partial({"name": TINY, "weights": str(pickled)}))

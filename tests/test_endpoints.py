@@ -1,4 +1,4 @@
-"""Spreading describer requests over several servers (ttdl.describers.endpoints)."""
+"""Spreading describer requests over several servers (ttdl.text.describers.endpoints)."""
 from __future__ import annotations
 
 import threading
@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from conftest import REPO
-from ttdl.config import load_config, resolve_run
-from ttdl.describers.endpoints import EndpointPool, config_urls, resolve_endpoints
+from ttdl.core.config import load_config, resolve_run
+from ttdl.core.settings import DescriberSettings
+from ttdl.text.describers.endpoints import EndpointPool, config_urls, resolve_endpoints
 
 A, B, C = "http://a:11434", "http://b:11434", "http://c:11434"
 
@@ -24,23 +25,28 @@ class FakeClock:
         return self.now
 
 
+def describer(**values) -> DescriberSettings:
+    """A describer section with these values and the schema's defaults."""
+    return DescriberSettings.from_partial(values)
+
+
 def test_config_urls_from_a_list_or_a_comma_separated_string() -> None:
-    assert config_urls({"base_urls": [A + "/", B, A]}) == [A, B]
-    assert config_urls({"base_url": f"{A}, {B}/ {C}"}) == [A, B, C]
-    assert config_urls({"base_url": A}) == [A] and config_urls({}) == []
+    assert config_urls(describer(base_urls=[A + "/", B, A])) == [A, B]
+    assert config_urls(describer(base_url=f"{A}, {B}/ {C}")) == [A, B, C]
+    assert config_urls(describer(base_url=A)) == [A] and config_urls(describer()) == []
     with pytest.raises(ValueError, match="at least one base URL"):
-        EndpointPool.from_config({}, env={})
+        EndpointPool.from_config(describer(), env={})
 
 
 def test_per_gpu_servers_follow_the_slot_and_shared_ignores_it() -> None:
-    cfg = {"base_urls": [A, B, C], "server": "per_gpu"}
+    cfg = describer(base_urls=[A, B, C], server="per_gpu")
     assert resolve_endpoints(cfg, {"TTDL_DESCRIBER_BASE_URL": "http://gpu1:11434/"}) == ["http://gpu1:11434"]
     assert resolve_endpoints(cfg, {"TTDL_GPU_SLOT": "4"}) == [B]  # 4 mod 3
     assert resolve_endpoints(cfg, {}) == [A, B, C]  # a CPU job: spread over all
-    shared = {"base_urls": [A, B], "server": "shared"}
+    shared = describer(base_urls=[A, B], server="shared")
     assert resolve_endpoints(shared, {"TTDL_DESCRIBER_BASE_URL": C, "TTDL_GPU_SLOT": "1"}) == [A, B]
-    with pytest.raises(ValueError, match="per_gpu"):
-        resolve_endpoints({"base_url": A, "server": "per-gpu"}, {})
+    with pytest.raises(ValueError, match="per_gpu"):  # the schema's enum stops this first; the code checks too
+        resolve_endpoints(describer(base_url=A).replace(server="per-gpu"), {})
 
 
 def test_sequential_requests_go_round_robin() -> None:

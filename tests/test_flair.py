@@ -1,4 +1,4 @@
-"""FLAIR checkpoints -> open_clip text encoder (ttdl.flair).
+"""FLAIR checkpoints -> open_clip text encoder (ttdl.text.flair).
 
 No real FLAIR file exists offline, so the checkpoint is synthesised from an
 open_clip model with FLAIR's wrapping ('state_dict', 'module.' prefixes) and
@@ -16,8 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ttdl import flair
-from ttdl.flair import build_flair_encoder, flair_to_open_clip, load_flair_text_encoder
+from ttdl.core.settings import EncoderSettings
+from ttdl.text import flair
+from ttdl.text.encoders import build_encoder as build_flair_encoder
+from ttdl.text.flair import flair_to_open_clip, load_flair_text_encoder
 
 TINY = "ttdl-test-tiny-flair"
 TINY_CFG = {
@@ -136,7 +138,7 @@ def test_loaded_text_embeddings_equal_the_source_model(source, checkpoint_path, 
 def test_build_flair_encoder_wraps_it_as_a_text_image_encoder(source, checkpoint_path, tiny_model_name,
                                                               monkeypatch) -> None:
     monkeypatch.setitem(flair.FLAIR_MODELS, "flair-tiny", tiny_model_name)
-    enc = build_flair_encoder({"name": "flair-tiny", "weights": str(checkpoint_path)})
+    enc = build_flair_encoder(EncoderSettings.from_partial({"name": "flair-tiny", "weights": str(checkpoint_path)}))
     with torch.no_grad():
         expected = F.normalize(source.encode_text(tokens(TEXTS)), dim=-1)
         got = enc.encode_text(TEXTS)
@@ -150,9 +152,9 @@ def test_build_flair_encoder_wraps_it_as_a_text_image_encoder(source, checkpoint
 def test_build_flair_encoder_requires_local_weights(monkeypatch, tiny_model_name) -> None:
     monkeypatch.setitem(flair.FLAIR_MODELS, "flair-tiny", tiny_model_name)
     with pytest.raises(ValueError, match="needs `weights:`"):
-        build_flair_encoder({"name": "flair-tiny"})
+        build_flair_encoder(EncoderSettings.from_partial({"name": "flair-tiny"}))
     with pytest.raises(FileNotFoundError, match="FLAIR weights not found"):
-        build_flair_encoder({"name": "flair-tiny", "weights": "/nonexistent/flair.pt"})
+        build_flair_encoder(EncoderSettings.from_partial({"name": "flair-tiny", "weights": "/nonexistent/flair.pt"}))
 
 
 def test_missing_text_keys_fail_naming_them(source, tmp_path, tiny_model_name) -> None:

@@ -1,4 +1,4 @@
-"""GPU slot allocation (ttdl.gpu_slots, scripts/with_gpu_slot.py) with real processes and locks.
+"""GPU slot allocation (ttdl.core.gpu_slots, scripts/with_gpu_slot.py) with real processes and locks.
 
 No GPU is needed: the allocator only hands out ids from TTDL_GPUS and locks files.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from ttdl import gpu_slots
-from ttdl.gpu_slots import acquire, gpu_slot, visible_gpus
+from ttdl.core import gpu_slots
+from ttdl.core.gpu_slots import acquire, gpu_slot, visible_gpus
 
 WRAPPER = REPO / "scripts" / "with_gpu_slot.py"
 

@@ -6,12 +6,13 @@ import random
 import pytest
 import torch
 
-from ttdl.adapters import AttentionPoolByText, ConcatAdapter, GapLinear
-from ttdl.encoders import build_encoder
-from ttdl.heads import HEADS, PerturbedNegatives
-from ttdl.io import save_torch
-from ttdl.objectives import TextItems
-from ttdl.textbatch import build_text_batch
+from ttdl.core.io import save_torch
+from ttdl.core.settings import ObjectiveSettings
+from ttdl.text.adapters import AttentionPoolByText, ConcatAdapter, GapLinear
+from ttdl.text.encoders import build_encoder
+from ttdl.text.heads import HEADS, HeadContext, PerturbedNegatives
+from ttdl.text.objectives import TextItems
+from ttdl.text.textbatch import build_text_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,7 +28,7 @@ TEXTS = {  # (row, class) -> description
 
 @pytest.fixture(scope="module")
 def encoder():
-    enc = build_encoder({}).eval()
+    enc = build_encoder().eval()
     enc.requires_grad_(False)
     return enc
 
@@ -65,10 +66,15 @@ def shuffled(items: TextItems) -> TextItems:
     return TextItems(items.positions, texts, items.fresh)
 
 
+def context(encoder, concat_path: str | None = None, class_names=NAMES) -> HeadContext:
+    return HeadContext(text_dim=D, bottleneck_dim=C, encoder=encoder, class_names=class_names, negatives_seed=0,
+                       concat_adapter_path=concat_path)
+
+
 def make_head(name: str, encoder, concat_path: str | None = None, **cfg):
     torch.manual_seed(0)
-    cfg = {"name": name, "class_names": NAMES, "concat_adapter_path": concat_path, **cfg}
-    return HEADS[name](cfg, D, C, encoder)
+    settings = ObjectiveSettings.from_partial({"name": name, **cfg})
+    return HEADS[name](settings, context(encoder, concat_path))
 
 
 def aux(head, encoder, tb, items, bottleneck):
@@ -89,10 +95,10 @@ HEAD_CASES = [
     ("grouped_siglip", SIGLIP_DEFAULTS, ["mlp.weight"]),
     ("paired_negatives", {}, ["pool.proj.weight", "pool.attn.in_proj_weight"]),
     ("paired_negatives", {"embedding_norm": "l2", "negatives": 2}, ["pool.attn.out_proj.weight"]),
-    ("bside", {}, ["adapter.linear.weight"]),
-    ("bside", {"adapter": "attn_pool", "embedding_norm": "l2"}, ["adapter.proj.weight"]),
-    ("b_pr", {}, ["mlp.weight"]),
-    ("b_pr_paired", {}, ["mlp.weight"]),
+    ("bottleneck_adapter", {}, ["adapter.linear.weight"]),
+    ("bottleneck_adapter", {"adapter": "attn_pool", "embedding_norm": "l2"}, ["adapter.proj.weight"]),
+    ("pr_fusion", {}, ["mlp.weight"]),
+    ("pr_fusion_paired", {}, ["mlp.weight"]),
 ]
 
 
@@ -112,24 +118,24 @@ def test_head_reacts_to_texts_and_trains_its_parts(name, cfg, trainable, encoder
     assert b.grad is not None and b.grad.abs().sum() > 0  # the aux loss reaches the segmenter
 
 
-def test_bside_detach_trains_only_the_adapter(encoder, batch):
+def test_bottleneck_adapter_detach_trains_only_the_adapter(encoder, batch):
     tb, items = batch
-    head = make_head("bside", encoder, detach_bottleneck=True)
+    head = make_head("bottleneck_adapter", encoder, detach_bottleneck=True)
     b = bottleneck_leaf()
     aux(head, encoder, tb, items, b).backward()
     assert b.grad is None
     assert head.adapter.linear.weight.grad.abs().sum() > 0
 
 
-def test_bside_l2_norm_changes_the_loss(encoder, batch):
+def test_bottleneck_adapter_l2_norm_changes_the_loss(encoder, batch):
     tb, items = batch
     b = bottleneck_leaf()
-    raw = aux(make_head("bside", encoder), encoder, tb, items, b)
-    normed = aux(make_head("bside", encoder, embedding_norm="l2"), encoder, tb, items, b)
+    raw = aux(make_head("bottleneck_adapter", encoder), encoder, tb, items, b)
+    normed = aux(make_head("bottleneck_adapter", encoder, embedding_norm="l2"), encoder, tb, items, b)
     assert raw.item() != pytest.approx(normed.item(), rel=1e-3)
 
 
-@pytest.mark.parametrize("name", ["paired_negatives", "bside", "b_pr_paired"])
+@pytest.mark.parametrize("name", ["paired_negatives", "bottleneck_adapter", "pr_fusion_paired"])
 def test_loss_stays_float32_under_bf16_autocast(name, encoder, batch, concat_path):
     """A bf16 bottleneck (as under autocast on a GPU) must not put the SigLIP sums in bf16."""
     tb, items = batch
@@ -142,7 +148,7 @@ def test_loss_stays_float32_under_bf16_autocast(name, encoder, batch, concat_pat
     assert loss.item() == pytest.approx(full, rel=2e-3)
 
 
-@pytest.mark.parametrize("name", ["paired_negatives", "bside", "b_pr", "b_pr_paired"])
+@pytest.mark.parametrize("name", ["paired_negatives", "bottleneck_adapter", "pr_fusion", "pr_fusion_paired"])
 def test_empty_items_give_zero_with_backward(name, encoder, batch, concat_path):
     tb, _ = batch
     b = bottleneck_leaf()
@@ -152,9 +158,9 @@ def test_empty_items_give_zero_with_backward(name, encoder, batch, concat_path):
     assert b.grad is not None and b.grad.abs().sum() == 0
 
 
-def test_b_pr_keeps_the_concat_adapter_frozen_and_unsaved(encoder, batch, concat_path):
+def test_pr_fusion_keeps_the_concat_adapter_frozen_and_unsaved(encoder, batch, concat_path):
     tb, items = batch
-    head = make_head("b_pr", encoder, concat_path)
+    head = make_head("pr_fusion", encoder, concat_path)
     aux(head, encoder, tb, items, bottleneck_leaf()).backward()
     concat = head.concat[0]
     assert all(not p.requires_grad and p.grad is None for p in concat.parameters())
@@ -162,8 +168,8 @@ def test_b_pr_keeps_the_concat_adapter_frozen_and_unsaved(encoder, batch, concat
     assert torch.equal(concat.linear.weight, ConcatAdapter.from_file(concat_path).linear.weight)
 
 
-def test_b_pr_without_adapter_names_vle2(encoder, tmp_path):
-    for name in ("b_pr", "b_pr_paired"):
+def test_pr_fusion_without_adapter_names_vle2(encoder, tmp_path):
+    for name in ("pr_fusion", "pr_fusion_paired"):
         with pytest.raises(ValueError, match="vle/2"):
             make_head(name, encoder, None)
         with pytest.raises(FileNotFoundError, match="vle/2"):
@@ -171,21 +177,22 @@ def test_b_pr_without_adapter_names_vle2(encoder, tmp_path):
     small = tmp_path / "small.pt"
     ConcatAdapter(8).save(small)
     with pytest.raises(ValueError, match="re-run vle/2"):
-        make_head("b_pr", encoder, str(small))
+        make_head("pr_fusion", encoder, str(small))
 
 
 def test_config_errors_are_clear(encoder):
-    with pytest.raises(ValueError, match="class_names"):
-        HEADS["paired_negatives"]({"name": "paired_negatives"}, D, C, encoder)
+    with pytest.raises(ValueError, match="class names"):
+        HEADS["paired_negatives"](ObjectiveSettings.from_partial({"name": "paired_negatives"}),
+                                  context(encoder, class_names=[]))
     with pytest.raises(ValueError, match="adapter"):
-        make_head("bside", encoder, adapter="mlp")
+        make_head("bottleneck_adapter", encoder, adapter="mlp")
     with pytest.raises(ValueError, match="embedding_norm"):
-        make_head("bside", encoder, embedding_norm="l1")
+        make_head("bottleneck_adapter", encoder, embedding_norm="l1")
 
 
 def test_negatives_differ_use_own_classes_and_are_reproducible(batch):
     tb, items = batch
-    sampler = PerturbedNegatives({"class_names": NAMES, "negatives": 6})
+    sampler = PerturbedNegatives(6, context(None))
     first = sampler.texts(tb, items, step=0)
     assert first == sampler.texts(tb, items, step=0)
     assert first != sampler.texts(tb, items, step=1)  # fresh near-misses every step
@@ -199,13 +206,13 @@ def test_negatives_differ_use_own_classes_and_are_reproducible(batch):
 
 def test_negatives_counter_advances_and_is_saved(encoder, batch):
     tb, items = batch
-    sampler = PerturbedNegatives({"class_names": NAMES, "negatives": 3})
+    sampler = PerturbedNegatives(3, context(None))
     emb = sampler(tb, items, encoder, torch.device("cpu"))
     assert emb.shape == (4, 3, D) and int(sampler.step) == 1
     assert "step" in sampler.state_dict()
     pos = encoder.encode_text(items.texts)
     assert (emb - pos[:, None]).abs().amax(-1).min() > 1e-4  # no negative embeds like its positive
-    assert not any(t in encoder._text_cache for copies in sampler.texts(tb, items, 0) for t in copies)
+    assert not any(encoder.is_cached(t) for copies in sampler.texts(tb, items, 0) for t in copies)
 
 
 def test_attention_pool_by_text():
@@ -240,11 +247,11 @@ def test_concat_adapter_round_trip(tmp_path):
 
 
 def test_existing_heads_still_registered():
-    assert {"variable_siglip", "grouped_siglip", "xen_rescale", "paired_negatives", "bside", "b_pr",
-            "b_pr_paired"} <= set(HEADS)
+    assert {"variable_siglip", "grouped_siglip", "xen_rescale", "paired_negatives", "bottleneck_adapter", "pr_fusion",
+            "pr_fusion_paired"} <= set(HEADS)
     random.seed(0)  # perturbation uses its own Random; the global one is untouched
     state = random.getstate()
-    PerturbedNegatives({"class_names": NAMES}).texts(
+    PerturbedNegatives(4, context(None)).texts(
         *_one_pair_batch(), step=0)
     assert random.getstate() == state
 

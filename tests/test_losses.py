@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ttdl.losses import (
+from ttdl.core.losses import (
     SIGLIP_INIT_LOGIT_BIAS,
     SIGLIP_INIT_LOGIT_SCALE,
     grouped_siglip,
@@ -182,14 +182,14 @@ def test_pixel_weight_maps_mean_one():
 
 def test_pixel_weight_maps_seed_scales_differ():
     att = torch.tensor([[0.1, 0.2], [0.3, 0.4]])  # softmax over 4 patches
-    w = pixel_weight_maps([att, None], size=(4, 4), gamma=1.0, normalise="seed")
+    w = pixel_weight_maps([att, None], size=(4, 4), gamma=1.0, normalise="original")
     # bilinear x2, align_corners=False: out col 1 sits at source x=0.25
     assert w[0, 0, 0].item() == pytest.approx(0.1)
     assert w[0, 0, 1].item() == pytest.approx(0.75 * 0.1 + 0.25 * 0.2)
     assert torch.allclose(w[1], torch.full((4, 4), 1 / 16))
     # the seed flaw: attention mean 1/4 (per patch) vs uniform mean 1/16 (per pixel)
     assert w[0].mean().item() == pytest.approx(0.25)
-    gamma = pixel_weight_maps([att], size=(2, 2), gamma=0.8, normalise="seed")
+    gamma = pixel_weight_maps([att], size=(2, 2), gamma=0.8, normalise="original")
     assert torch.allclose(gamma[0], att**0.8)
 
 

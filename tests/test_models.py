@@ -6,8 +6,8 @@ import torch
 import torchvision
 from torch import nn
 
-from ttdl.io import save_torch
-from ttdl.models import REGISTRY, SegmentationNet, build_model
+from ttdl.core.io import save_torch
+from ttdl.core.models import REGISTRY, SegmentationNet, build_model
 
 NUM_CLASSES = 7
 
@@ -32,7 +32,7 @@ def states_equal(a: nn.Module, b: nn.Module) -> bool:
 
 
 def test_registry_matches_the_schema_enum() -> None:
-    from ttdl.config import load_schema
+    from ttdl.core.config import load_schema
     assert sorted(REGISTRY) == sorted(load_schema()["definitions"]["model"]["properties"]["name"]["enum"])
 
 

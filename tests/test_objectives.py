@@ -7,10 +7,10 @@ import socket
 import pytest
 import torch
 
-from ttdl.describers import DescriberError
-from ttdl.io import load_torch, save_torch
-from ttdl.prefill import prefill_cache
-from ttdl.train import Trainer
+from ttdl.core.io import load_torch, save_torch
+from ttdl.jobs.prefill import prefill_cache
+from ttdl.jobs.train import Trainer
+from ttdl.text.describers import DescriberError
 
 TEXT = {"describer": {"image_size": 48}}
 
@@ -39,12 +39,12 @@ def test_grouped_siglip_step_describes_then_reuses(tiny_run, tmp_path):
     assert second["text/cache_hit_rate"] == 1.0
 
 
-def test_seed_cache_mode_redescribes_unchanged_masks(tiny_run, tmp_path):
-    trainer = text_trainer(tiny_run, tmp_path, {"name": "grouped_siglip"}, lr=1e-12, cache={"mode": "seed"})
+def test_original_cache_mode_redescribes_unchanged_masks(tiny_run, tmp_path):
+    trainer = text_trainer(tiny_run, tmp_path, {"name": "grouped_siglip"}, lr=1e-12, cache={"mode": "original"})
     batch = first_batch(trainer)
     first = trainer.train_step(batch)
     second = trainer.train_step(batch)
-    # the seed's tie flaw: all IoUs are 1, the 0.4-quantile is 1, everything is described again
+    # the original's tie flaw: all IoUs are 1, the 0.4-quantile is 1, everything is described again
     assert second["text/describer_calls"] == first["text/describer_calls"] > 0
 
 
@@ -113,7 +113,7 @@ def test_prefill_records_every_significant_pair_without_text(tiny_run, tmp_path)
 
 
 def test_shuffled_control_moves_every_text_to_another_pair():
-    from ttdl.objectives import TextItems, shuffle_texts
+    from ttdl.text.objectives import TextItems, shuffle_texts
 
     items = TextItems([0, 1, 2, 3], ["a", "b", "c", "d"], [True] * 4)
     moved = shuffle_texts(items, torch.Generator().manual_seed(0))
@@ -141,8 +141,8 @@ def test_contrastive_validation_goes_through_its_own_cache(tiny_run, tmp_path):
 
 @pytest.mark.parametrize("objective", [
     {"name": "paired_negatives", "negatives": 2},
-    {"name": "bside", "mix": "additive", "embedding_norm": "l2", "detach_bottleneck": True},
-    {"name": "bside", "adapter": "attn_pool"},
+    {"name": "bottleneck_adapter", "mix": "additive", "embedding_norm": "l2", "detach_bottleneck": True},
+    {"name": "bottleneck_adapter", "adapter": "attn_pool"},
 ])
 def test_issue4_heads_train_through_the_loop(tiny_run, tmp_path, objective):
     trainer = text_trainer(tiny_run, tmp_path, objective)
@@ -150,6 +150,6 @@ def test_issue4_heads_train_through_the_loop(tiny_run, tmp_path, objective):
     assert logs["text/texts"] > 0 and math.isfinite(logs["aux"]) and logs["aux"] > 0
 
 
-def test_b_pr_head_needs_the_vle2_adapter(tiny_run, tmp_path):
+def test_pr_fusion_head_needs_the_vle2_adapter(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="vle/2"):
-        text_trainer(tiny_run, tmp_path, {"name": "b_pr"})
+        text_trainer(tiny_run, tmp_path, {"name": "pr_fusion"})

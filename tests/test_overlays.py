@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ttdl.describers import DescribeRequest, build_messages, load_template, make_support_example
-from ttdl.describers.prompt import DEFAULT_TEMPLATE, synthetic_support
-from ttdl.overlays import (
+from ttdl.text.describers import DescribeRequest, build_messages, load_template, make_support_example
+from ttdl.text.describers.prompt import DEFAULT_TEMPLATE, synthetic_support
+from ttdl.text.overlays import (
     difference_overlay,
     mask_overlay,
     resize_for_describer,
@@ -62,7 +62,8 @@ def test_resize_keeps_label_values_and_batches() -> None:
     assert img.shape == (3, 16, 16) and g.shape == (16, 16) and g.dtype == torch.long
     assert set(g.unique().tolist()) == {0, 3, 255}  # nearest: no blended ids
     assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0
-    imgs, gs, ps = resize_for_describer(image[None].repeat(2, 1, 1, 1), gt[None].repeat(2, 1, 1), gt[None].repeat(2, 1, 1), (8, 12))
+    imgs, gs, ps = resize_for_describer(image[None].repeat(2, 1, 1, 1), gt[None].repeat(2, 1, 1),
+                                        gt[None].repeat(2, 1, 1), (8, 12))
     assert imgs.shape == (2, 3, 8, 12) and gs.shape == (2, 8, 12) and ps.shape == (2, 8, 12)
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from ttdl.plots import PlotInputError, describer_activity, results_bars, summary_table_html, training_curves
+from ttdl.report.plots import PlotInputError, describer_activity, results_bars, summary_table_html, training_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -144,7 +144,7 @@ def test_figures_cli_labels_runs_relative_to_results(runs, tmp_path, monkeypatch
 def test_pick_samples_skips_background_only_images():
     import torch
 
-    from ttdl.qualitative import pick_samples
+    from ttdl.jobs.qualitative import pick_samples
 
     def sample(uid, value):
         mask = torch.zeros(4, 4, dtype=torch.long)
@@ -160,20 +160,21 @@ def test_pick_samples_skips_background_only_images():
 def test_qualitative_panel_on_tiny_data(tiny_config, tiny_data, tmp_path, one_thread):
     import torch
 
-    from ttdl.config import resolve_run
-    from ttdl.data import read_class_names
-    from ttdl.io import save_torch
-    from ttdl.models import build_model
-    from ttdl.qualitative import qualitative_panel
+    from ttdl.core.config import resolve_run
+    from ttdl.core.data import read_class_names
+    from ttdl.core.io import save_torch
+    from ttdl.core.models import build_model
+    from ttdl.core.settings import RunSettings
+    from ttdl.jobs.qualitative import qualitative_panel
 
     config = tiny_config(runs={"0": {"description": "start"},
                                "ft": {"init": "0", "objective": {"name": "variable_siglip"}}})
-    run = resolve_run(config, "ft")
+    run = RunSettings.from_dict(resolve_run(config, "ft"))
     class_names = read_class_names(tiny_data, None)
     paths = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        model = build_model(run["model"]["name"], len(class_names))
+        model = build_model(run.model.name, len(class_names))
         paths.append(tmp_path / f"w{seed}.pth")
         save_torch(paths[-1], {"model": model.state_dict()})
     out = tmp_path / "qual" / "ft.png"

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from ttdl.summary import experiment_row, write_tables
+from ttdl.report.summary import experiment_row, write_tables
 
 
 def fake_run(root, name, miou, **extra):

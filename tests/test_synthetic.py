@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import TINY_SPEC
-from ttdl.synthetic import CLASS_NAMES, VOID, SyntheticSpec, generate, render_sample, voc_palette
+from ttdl.datasets.synthetic import CLASS_NAMES, VOID, SyntheticSpec, generate, render_sample, voc_palette
 
 VALID_LABELS = set(range(len(CLASS_NAMES))) | {VOID}
 
@@ -56,7 +56,9 @@ def test_two_generations_are_identical(tiny_data, tmp_path) -> None:
         with Image.open(again / jpg) as a, Image.open(tiny_data / jpg) as b:
             assert np.array_equal(np.array(a), np.array(b)), jpg
     # nothing else (temp files of the atomic writes, stray outputs) is left behind
-    listing = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    def listing(root: Path) -> list[str]:
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
     assert listing(again) == listing(tiny_data)
 
 

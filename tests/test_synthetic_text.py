@@ -4,7 +4,7 @@ import re
 
 import torch
 
-from ttdl.synthetic_text import (
+from ttdl.text.synthetic_text import (
     ERROR_KINDS,
     POSITIONS,
     SIZES,

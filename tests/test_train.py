@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,10 +14,12 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from conftest import REPO, make_tiny_run
-from ttdl.config import resolve_run, to_json
-from ttdl.io import load_torch, save_torch
-from ttdl.models import build_model
-from ttdl.train import Trainer, epoch_order, lr_factor, run_fingerprint
+from ttdl.core.config import resolve_run, to_json
+from ttdl.core.io import load_torch, save_torch
+from ttdl.core.models import build_model
+from ttdl.core.settings import RunSettings
+from ttdl.jobs.train import Trainer, epoch_order, lr_factor, run_fingerprint
+from ttdl.text.objectives import CrossEntropyOnly
 
 SUMMARY_FIELDS = {"run_id", "description", "best_val_miou", "best_val_pixel_acc", "best_epoch", "epochs", "steps",
                   "per_class_iou", "wall_time_s", "target_miou", "target_reached", "device", "init"}
@@ -78,7 +79,7 @@ def test_config_choices_reach_the_model(tiny_run, tmp_path) -> None:
     layers = [m for m in trainer.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert layers and all(m.momentum == 0.3 for m in layers)
     assert trainer.num_classes == 7 and trainer.steps_per_epoch == 3 and trainer.total_steps == 3
-    assert trainer.objective is None  # a plain CE run
+    assert isinstance(trainer.objective, CrossEntropyOnly)  # a plain CE run: the null objective
 
 
 def test_batch_larger_than_the_train_split_is_an_error(tiny_run, tmp_path) -> None:
@@ -104,11 +105,9 @@ def test_two_steps_on_a_fixed_batch_lower_the_loss(tiny_run, tmp_path) -> None:
 # ---- (b) resume after SIGKILL is equivalent to an uninterrupted run ------------
 
 def train_cli(run: dict, out: Path, kill_at: int | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TTDL_DEBUG_KILL_AT_STEP"}
-    if kill_at is not None:
-        env["TTDL_DEBUG_KILL_AT_STEP"] = str(kill_at)
-    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "--run-json", to_json(run), "--out", str(out)]
-    return subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
+    script = ["scripts/train.py"] if kill_at is None else ["tests/train_until_killed.py", str(kill_at)]
+    cmd = [sys.executable, str(REPO / script[0]), *script[1:], "--run-json", to_json(run), "--out", str(out)]
+    return subprocess.run(cmd, cwd=out.parent, capture_output=True, text=True, timeout=300)
 
 
 KILL_AT = 4  # 3 steps per epoch: the kill lands one step into epoch 2
@@ -134,7 +133,7 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(resume_runs) -> None:
     state = resume_runs["state_after_kill"]
     assert state["step"] == KILL_AT and state["epoch"] == 1 and state["step_in_epoch"] == 1 and not state["done"]
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed 0 from" in resumed.stderr and f"step {KILL_AT}" in resumed.stderr
+    assert "resumed 0 from" in resumed.stderr and f"step {KILL_AT}" in resumed.stderr
     assert "resumed" not in resume_runs["straight"].stderr
     a, b = base / "straight", base / "killed"
     state_a, state_b = load_torch(a / "state" / "last.pt"), load_torch(b / "state" / "last.pt")
@@ -239,9 +238,9 @@ def test_outputs(tiny_run, tiny_config, tmp_path) -> None:
 
     # a chained run starts from weights.pth
     chain = tiny_config(runs={"0": {}, "ft": {"init": "0"}})
-    chained = Trainer(resolve_run(chain, "ft"), tmp_path / "ft", init_weights=str(out / "weights.pth"),
-                      log=lambda *_: None)
-    assert chained.run["init"] == "0"
+    chained = Trainer(RunSettings.from_dict(resolve_run(chain, "ft")), tmp_path / "ft",
+                      init_weights=str(out / "weights.pth"), log=lambda *_: None)
+    assert chained.run.init == "0"
     assert_same_tensors(chained.model.state_dict(), best["model"], atol=0)
 
 

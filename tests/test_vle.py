@@ -7,31 +7,40 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ttdl.adapters import ConcatAdapter
-from ttdl.heads import HEADS
-from ttdl.io import save_torch
-from ttdl.train import Trainer
-from ttdl.vle import collect_overlay_triples, collect_pairs, run_concat_adaptation, train_concat_adapter
+from ttdl.core.io import save_torch
+from ttdl.core.settings import AdaptationJob, AdaptationSettings, ObjectiveSettings
+from ttdl.jobs.encoder_adaptation import (
+    ADAPTATIONS,
+    collect_overlay_triples,
+    collect_pairs,
+    run_adaptation_job,
+    run_concat_adaptation,
+    train_concat_adapter,
+)
+from ttdl.jobs.train import Trainer
+from ttdl.text.adapters import ConcatAdapter
+from ttdl.text.heads import HEADS, HeadContext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ADAPT = {"max_pairs": 24, "epochs": 2, "batch_size": 8, "lr": 1e-3, "val_fraction": 0.25, "seed": 0}
+ADAPT = {"init": "v", "kind": "concat", "max_pairs": 24, "epochs": 2, "batch_size": 8, "lr": 1e-3,
+         "val_fraction": 0.25, "seed": 0}
 
 
 @pytest.fixture
 def vle_run(tiny_run, tmp_path):
-    """A tiny run with an adaptation block and a randomly initialised checkpoint."""
+    """A tiny vle/2 adaptation job and a randomly initialised checkpoint of its init run."""
     run = tiny_run("v", describer={"image_size": 48})
     trainer = Trainer(run, tmp_path / "init", log=lambda *_: None)
     weights = tmp_path / "w.pth"
     save_torch(weights, {"model": trainer.model.state_dict()})
-    return run | {"adaptation": dict(ADAPT)}, str(weights)
+    return AdaptationJob("vle/2", AdaptationSettings.from_partial(ADAPT), run), str(weights)
 
 
 def test_vle2_writes_adapter_and_metrics(vle_run, tmp_path):
-    run, weights = vle_run
+    job, weights = vle_run
     lines: list[str] = []
-    metrics = run_concat_adaptation(run, weights, tmp_path / "vle2", log=lines.append)
+    metrics = run_concat_adaptation(job, weights, tmp_path / "vle2", log=lines.append)
     assert lines[0].startswith("collected") and len(lines) == 1 + ADAPT["epochs"]
     assert metrics["pairs"] <= ADAPT["max_pairs"] and metrics["n_val"] + metrics["n_train"] == metrics["pairs"]
     on_disk = json.loads((tmp_path / "vle2" / "metrics.json").read_text())
@@ -44,13 +53,16 @@ def test_vle2_writes_adapter_and_metrics(vle_run, tmp_path):
     assert adapter.dim == 384 and adapter.meta["encoder"] == "minilm-vit"
     assert not torch.equal(adapter.linear.weight, ConcatAdapter(384).linear.weight)  # it was trained
     # the 4.x heads accept what vle/2 wrote
-    head = HEADS["b_pr"]({"name": "b_pr", "concat_adapter_path": str(tmp_path / "vle2" / "concat_adapter.pt")},
-                         384, 960, SimpleNamespace(embed_dim=384))
+    context = HeadContext(text_dim=384, bottleneck_dim=960, encoder=SimpleNamespace(embed_dim=384),
+                          class_names=["background", "thing"], negatives_seed=0,
+                          concat_adapter_path=str(tmp_path / "vle2" / "concat_adapter.pt"))
+    head = HEADS["pr_fusion"](ObjectiveSettings.from_partial({"name": "pr_fusion"}), context)
     assert torch.equal(head.concat[0].linear.weight, adapter.linear.weight)
 
 
 def test_triples_and_pairs_share_one_collection(vle_run):
-    run, weights = vle_run
+    job, weights = vle_run
+    run = job.run
     gt, pr, texts = collect_overlay_triples(run, weights, 6)
     diff, texts_v1 = collect_pairs(run, weights, 6)
     assert texts == texts_v1 and len(texts) == 6
@@ -72,3 +84,11 @@ def test_concat_adapter_learns_which_overlay_matters():
                                 val_fraction=0.25, seed=0, init_scale=2.3, init_bias=-10.0)
     assert m["after"]["i2t_top1"] >= 0.9 and m["after"]["i2t_top1"] > m["before"]["i2t_top1"] + 0.1, m
     assert m["train_loss"][-1] < m["train_loss"][0]
+
+
+def test_adaptation_kinds_dispatch_to_their_jobs(vle_run, tmp_path):
+    job, weights = vle_run
+    assert ADAPTATIONS["concat"] is run_concat_adaptation
+    with pytest.raises(ValueError, match="kind concat only"):  # vle/1 adapts the configured encoder
+        run_adaptation_job(job.replace(adaptation=job.adaptation.replace(kind="encoder")), weights,
+                           tmp_path, encoder_path="some/encoder.pt")

@@ -1,8 +1,8 @@
 # Helpers that turn the validated config into file paths and job parameters.
 import re
 
-from ttdl.config import resolve_adaptation, resolve_run, seed_runs, to_json
-from ttdl.datacheck import check_record
+from ttdl.core.config import resolve_adaptation, resolve_run, seed_runs, to_json
+from ttdl.datasets.voc_check import check_record
 
 RUNS = list(config["runs"])
 
@@ -18,8 +18,14 @@ wildcard_constraints:
     concat_adaptation=adaptation_pattern("concat"),
 
 
+_RESOLVED = {}
+
+
 def run_settings(run):
-    return resolve_run(config, run)
+    """The run's resolved settings, resolved once per planning (shared: read them, never modify)."""
+    if run not in _RESOLVED:
+        _RESOLVED[run] = resolve_run(config, run)
+    return _RESOLVED[run]
 
 
 TEXT_SECTIONS = ("describer", "encoder", "cache")
@@ -93,18 +99,19 @@ def optional_arg(flag, files):
     return f"{flag} {files[0]}" if files else ""
 
 
-
 def summary_experiments():
     """The results table's experiments with their per-seed run folders (and baseline's)."""
     table = []
     for experiment in config["summary"]:
         baseline = config["runs"][experiment].get("baseline")
-        table.append({
-            "experiment": experiment,
-            "runs": [f"results/{r}" for r in seed_runs(config, experiment)],
-            "baseline": baseline,
-            "baseline_runs": [f"results/{r}" for r in seed_runs(config, baseline)] if baseline else [],
-        })
+        table.append(
+            {
+                "experiment": experiment,
+                "runs": [f"results/{r}" for r in seed_runs(config, experiment)],
+                "baseline": baseline,
+                "baseline_runs": [f"results/{r}" for r in seed_runs(config, baseline)] if baseline else [],
+            }
+        )
     return table
 
 

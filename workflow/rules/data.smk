@@ -6,15 +6,16 @@ if config["data"]["kind"] == "synthetic":
     rule make_data:
         input:
             script="scripts/make_data.py",
+            code=package_sources("scripts/make_data.py"),
         output:
             train=f"{config['data']['root']}/ImageSets/Segmentation/train.txt",
             val=data_ready(config["data"]["root"]),
             classes=f"{config['data']['root']}/classes.txt",
-        params:
-            run=lambda wildcards: to_json({"data": config["data"]}),
         log:
             "logs/make_data.log",
         benchmark:
             "benchmarks/make_data.tsv"
+        params:
+            run=lambda wildcards: to_json({"data": config["data"]}),
         shell:
             "python {input.script} --run-json {params.run:q} > {log} 2>&1"

@@ -4,12 +4,11 @@
 rule evaluate:
     input:
         script="scripts/evaluate.py",
+        code=package_sources("scripts/evaluate.py"),
         weights="results/{run}/weights.pth",
         data=data_inputs,
     output:
         "results/{run}/eval.json",
-    params:
-        run=run_json,
     log:
         "logs/evaluate/{run}.log",
     benchmark:
@@ -17,22 +16,25 @@ rule evaluate:
     threads: job_threads
     resources:
         gpu=1,
+    params:
+        run=run_json,
     shell:
-        "python scripts/with_gpu_slot.py -- python {input.script} --run-json {params.run:q} --weights {input.weights} --out {output} > {log} 2>&1"
+        gpu_job("python {input.script} --run-json {params.run:q} --weights {input.weights} --out {output} > {log} 2>&1")
 
 
 rule summarize:
     input:
         script="scripts/summarize.py",
+        code=package_sources("scripts/summarize.py"),
         results=summary_inputs,
     output:
         csv="results/summary.csv",
         md="results/summary.md",
-    params:
-        experiments=lambda wildcards: to_json(summary_experiments()),
     log:
         "logs/summarize.log",
     benchmark:
         "benchmarks/summarize.tsv"
+    params:
+        experiments=lambda wildcards: to_json(summary_experiments()),
     shell:
         "python {input.script} --experiments-json {params.experiments:q} --csv {output.csv} --md {output.md} > {log} 2>&1"

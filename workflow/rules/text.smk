@@ -4,13 +4,12 @@
 rule adapt_encoder:
     input:
         script="scripts/adapt_encoder.py",
+        code=package_sources("scripts/adapt_encoder.py"),
         weights=adaptation_init,
         data=lambda wildcards: dataset_ready(config["data"]),
     output:
         encoder="results/{encoder_adaptation}/encoder.pt",
         metrics="results/{encoder_adaptation}/metrics.json",
-    params:
-        run=lambda wildcards: to_json(resolve_adaptation(config, wildcards.encoder_adaptation)),
     log:
         "logs/adapt_encoder/{encoder_adaptation}.log",
     benchmark:
@@ -18,23 +17,25 @@ rule adapt_encoder:
     threads: config["train"]["threads"]
     resources:
         gpu=1,
+    params:
+        run=lambda wildcards: to_json(resolve_adaptation(config, wildcards.encoder_adaptation)),
     shell:
-        "python scripts/with_gpu_slot.py -- python {input.script} --run-json {params.run:q} --weights {input.weights} "
-        "--out results/{wildcards.encoder_adaptation} > {log} 2>&1"
+        gpu_job(
+            "python {input.script} --run-json {params.run:q} --weights {input.weights} "
+            "--out results/{wildcards.encoder_adaptation} > {log} 2>&1"
+        )
 
 
 rule adapt_concat:
     input:
         script="scripts/adapt_encoder.py",
+        code=package_sources("scripts/adapt_encoder.py"),
         weights=adaptation_init,
         data=lambda wildcards: dataset_ready(config["data"]),
         encoder=concat_encoder_input,
     output:
         adapter="results/{concat_adaptation}/concat_adapter.pt",
         metrics="results/{concat_adaptation}/metrics.json",
-    params:
-        run=lambda wildcards: to_json(resolve_adaptation(config, wildcards.concat_adaptation)),
-        encoder=lambda wildcards, input: optional_arg("--encoder", input.encoder),
     log:
         "logs/adapt_concat/{concat_adaptation}.log",
     benchmark:
@@ -42,20 +43,24 @@ rule adapt_concat:
     threads: config["train"]["threads"]
     resources:
         gpu=1,
+    params:
+        run=lambda wildcards: to_json(resolve_adaptation(config, wildcards.concat_adaptation)),
+        encoder=lambda wildcards, input: optional_arg("--encoder", input.encoder),
     shell:
-        "python scripts/with_gpu_slot.py -- python {input.script} --run-json {params.run:q} --weights {input.weights} {params.encoder} "
-        "--out results/{wildcards.concat_adaptation} > {log} 2>&1"
+        gpu_job(
+            "python {input.script} --run-json {params.run:q} --weights {input.weights} {params.encoder} "
+            "--out results/{wildcards.concat_adaptation} > {log} 2>&1"
+        )
 
 
 rule prefill_cache:
     input:
         script="scripts/prefill_cache.py",
+        code=package_sources("scripts/prefill_cache.py"),
         weights="results/{run}/weights.pth",
         data=data_inputs,
     output:
         "results/{run}/prefill_cache.pt",
-    params:
-        run=full_run_json,
     log:
         "logs/prefill_cache/{run}.log",
     benchmark:
@@ -63,5 +68,7 @@ rule prefill_cache:
     threads: job_threads
     resources:
         gpu=1,
+    params:
+        run=full_run_json,
     shell:
-        "python scripts/with_gpu_slot.py -- python {input.script} --run-json {params.run:q} --weights {input.weights} --out {output} > {log} 2>&1"
+        gpu_job("python {input.script} --run-json {params.run:q} --weights {input.weights} --out {output} > {log} 2>&1")

@@ -4,6 +4,7 @@
 rule train:
     input:
         script="scripts/train.py",
+        code=package_sources("scripts/train.py"),
         data=data_inputs,
         init=init_weights,
         cache=prefill_input,
@@ -13,11 +14,6 @@ rule train:
         weights="results/{run}/weights.pth",
         metrics="results/{run}/metrics.csv",
         summary="results/{run}/summary.json",
-    params:
-        run=run_json,
-        extra=lambda wildcards, input: " ".join([optional_arg("--init", input.init),
-            optional_arg("--cache", input.cache), optional_arg("--encoder", input.encoder),
-            optional_arg("--concat-adapter", input.concat)]),
     log:
         "logs/train/{run}.log",
     benchmark:
@@ -25,5 +21,17 @@ rule train:
     threads: job_threads
     resources:
         gpu=1,
+    params:
+        run=run_json,
+        extra=lambda wildcards, input: " ".join(
+            [
+                optional_arg("--init", input.init),
+                optional_arg("--cache", input.cache),
+                optional_arg("--encoder", input.encoder),
+                optional_arg("--concat-adapter", input.concat),
+            ]
+        ),
     shell:
-        "python scripts/with_gpu_slot.py -- python {input.script} --run-json {params.run:q} --out results/{wildcards.run} {params.extra} > {log} 2>&1"
+        gpu_job(
+            "python {input.script} --run-json {params.run:q} --out results/{wildcards.run} {params.extra} > {log} 2>&1"
+        )

@@ -1,0 +1,134 @@
+"""Datasets in Pascal VOC's folder layout, and their loaders.
+
+The embedded synthetic set and real VOC share one loader: images under
+JPEGImages/, palette-PNG label maps under SegmentationClass/ (pixel value =
+class index, 255 = void), and split lists under ImageSets/Segmentation/.
+Missing or corrupt files fail with the offending path in the message.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from ttdl.core.settings import DataSettings, TrainSettings
+
+
+class DatasetError(RuntimeError):
+    """Raised for missing or unreadable dataset files; the message names the file."""
+
+
+def read_split(root: str | Path, split: str) -> list[str]:
+    path = Path(root) / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if not path.is_file():
+        raise DatasetError(
+            f"split list not found: {path}. Generate the default data with "
+            f"`snakemake --cores 1 resources/data/synthetic/classes.txt`, or point data.root at a VOC-layout folder."
+        )
+    uids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not uids:
+        raise DatasetError(f"split list is empty: {path}")
+    return uids
+
+
+def _flip_for(seed: int, epoch: int, uid: str) -> bool:
+    """A reproducible coin per (seed, epoch, image), independent of worker and order."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{uid}".encode(), digest_size=1).digest()
+    return digest[0] & 1 == 1
+
+
+class SegmentationFolder(Dataset):
+    """(uid, image in [0,1], label map) samples of one split of a VOC-layout folder.
+
+    Images are resized so the shorter side is `resize`, then center-cropped to
+    `crop` (the original's 520/520 for VOC; the synthetic set is already square).
+    """
+
+    def __init__(self, root: str | Path, split: str, *, resize: int, crop: int,
+                 hflip: bool = False, seed: int = 0, image_ext: str = ".jpg"):
+        self.root = Path(root)
+        self.split = split
+        self.uids = read_split(self.root, split)
+        self.resize, self.crop = resize, crop
+        self.hflip, self.seed, self.epoch = hflip, seed, 0
+        self.image_ext = image_ext
+        missing = [p for uid in self.uids for p in self._paths(uid) if not p.is_file()]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise DatasetError(f"dataset file missing: {missing[0]}{more}; listed in {split}.txt of {self.root}")
+
+    def _paths(self, uid: str) -> tuple[Path, Path]:
+        return (self.root / "JPEGImages" / f"{uid}{self.image_ext}",
+                self.root / "SegmentationClass" / f"{uid}.png")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+    def _open(self, path: Path, mode: str | None) -> np.ndarray:
+        try:
+            with Image.open(path) as img:
+                img.load()
+                if mode is not None:
+                    img = img.convert(mode)
+                elif img.mode not in ("P", "L"):
+                    raise DatasetError(f"label map {path} has mode {img.mode}; expected a palette (P) or grey (L) "
+                                       "PNG of class indices")
+                return np.array(img)
+        except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+            raise DatasetError(f"cannot read dataset file {path}: {exc}") from exc
+
+    def __getitem__(self, index: int) -> dict:
+        uid = self.uids[index]
+        image_path, label_path = self._paths(uid)
+        image = torch.from_numpy(self._open(image_path, "RGB")).permute(2, 0, 1).float() / 255.0
+        label = torch.from_numpy(self._open(label_path, None).astype(np.int64))
+        if image.shape[1:] != label.shape:
+            raise DatasetError(f"size mismatch: {image_path} is {tuple(image.shape[1:])}, "
+                               f"{label_path} is {tuple(label.shape)}")
+        image, label = resize_and_crop(image, label, self.resize, self.crop)
+        if self.hflip and _flip_for(self.seed, self.epoch, uid):
+            image, label = image.flip(-1), label.flip(-1)
+        return {"uid": uid, "image": image.contiguous(), "mask": label.contiguous()}
+
+
+def split_of(data: DataSettings, split: str, train: TrainSettings | None = None) -> SegmentationFolder:
+    """One split of the run's dataset; with `train`, the train split flips as train.hflip says (seed train.seed)."""
+    augment = {} if train is None else {"hflip": train.hflip and split == "train", "seed": train.seed}
+    return SegmentationFolder(data.root, split, resize=data.resize, crop=data.crop, image_ext=data.image_ext,
+                              **augment)
+
+
+def class_names_of(data: DataSettings) -> list[str]:
+    """The run's class names: data.class_names, else the dataset's classes.txt."""
+    return read_class_names(data.root, data.class_names)
+
+
+def resize_and_crop(image: torch.Tensor, label: torch.Tensor, resize: int, crop: int):
+    """Shorter side to `resize` (bilinear image, nearest labels), then a centred `crop` square."""
+    h, w = label.shape
+    if min(h, w) != resize or min(h, w) < crop:
+        scale = resize / min(h, w)
+        size = (max(crop, round(h * scale)), max(crop, round(w * scale)))
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        h, w = size
+    top, left = (h - crop) // 2, (w - crop) // 2
+    return image[:, top:top + crop, left:left + crop], label[top:top + crop, left:left + crop]
+
+
+def read_class_names(root: str | Path, configured: list[str] | None) -> list[str]:
+    """Class names from config, else from the dataset's classes.txt."""
+    if configured:
+        return list(configured)
+    path = Path(root) / "classes.txt"
+    if not path.is_file():
+        raise DatasetError(f"no class names: set data.class_names in the config or provide {path}")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]

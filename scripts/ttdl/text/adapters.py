@@ -1,0 +1,97 @@
+"""Small trainable maps between the segmenter's bottleneck B and the text space (docs/method.md 3d-3g).
+
+They live on the image side of the aux losses: B has the segmenter's width
+(960 for LRASPP) and no notion of text, so every head needs some map from
+B's [C,h,w] grid to one vector in the text encoder's D-dim space.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ttdl.core import io
+
+CONCAT_FORMAT = "ttdl-concat-adapter/1"
+
+
+class GapLinear(nn.Module):
+    """GAP then a bias-free linear map to the text dim (3e): the cheapest B -> text adapter."""
+
+    def __init__(self, in_ch: int, out_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_ch, out_dim, bias=False)
+
+    def forward(self, bottleneck: Tensor) -> Tensor:
+        """[N,C,h,w] -> [N,D]."""
+        return self.linear(bottleneck.float().mean(dim=(2, 3)))
+
+
+class AttentionPoolByText(nn.Module):
+    """1x1 conv to the text dim, then multi-head attention pooling with a text as the query (3d).
+
+    The original's `conv_attn_pool_by_text`: a description talks about one region
+    of the image, so the text chooses which positions of B it is scored
+    against, instead of the whole-image average that GAP would give.
+    """
+
+    def __init__(self, in_ch: int, text_dim: int, heads: int) -> None:
+        super().__init__()
+        if text_dim % heads:
+            raise ValueError(f"text_dim {text_dim} is not divisible by heads {heads}")
+        self.proj = nn.Conv2d(in_ch, text_dim, kernel_size=1)
+        self.attn = nn.MultiheadAttention(text_dim, heads, batch_first=True)
+
+    def forward(self, bottleneck: Tensor, rows: Tensor, queries: Tensor) -> Tensor:
+        """bottleneck [N,C,h,w], rows [T] (batch row of each query), queries [T,D] -> pooled [T,D]."""
+        if rows.numel() == 0:
+            return bottleneck.float().sum() * 0 + queries.new_zeros((0, self.proj.out_channels))
+        feats = self.proj(bottleneck.float())                       # [N,D,h,w]
+        tokens = feats.flatten(2).transpose(1, 2)[rows.to(feats.device)]  # [T,h*w,D]
+        query = queries.to(feats.device, torch.float32).unsqueeze(1)      # [T,1,D]
+        pooled, _ = self.attn(query, tokens, tokens, need_weights=False)
+        return pooled.squeeze(1)
+
+
+class ConcatAdapter(nn.Module):
+    """Bias-free 2D -> D map over [a || b] (vle/2 GT_PR||dT, used frozen by 4.x).
+
+    Starts as the mean of both halves, 0.5*(a + b): an untrained adapter
+    already lands in the joint text space, so training only has to learn how
+    to weigh and mix the two embeddings.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.meta: dict = {}  # what vle/2 stored beside the weights (encoder name, learned scale/bias)
+        self.linear = nn.Linear(2 * dim, dim, bias=False)
+        with torch.no_grad():
+            eye = torch.eye(dim)
+            self.linear.weight.copy_(0.5 * torch.cat([eye, eye], dim=1))
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.linear(torch.cat([a.float(), b.float()], dim=-1))
+
+    def save(self, path: str | os.PathLike, **meta) -> None:
+        """Atomic write of the weights plus metadata (encoder name, metrics...)."""
+        io.save_torch(path, {"format": CONCAT_FORMAT, "dim": self.dim,
+                             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+                             "meta": meta})
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "ConcatAdapter":
+        """Load with weights_only (ttdl.core.io.load_torch); reject files of another format."""
+        blob = io.load_torch(path)
+        if not isinstance(blob, dict) or blob.get("format") != CONCAT_FORMAT:
+            raise ValueError(f"{path} is not a concat-adapter file ({CONCAT_FORMAT}); it is written by vle/2")
+        adapter = cls(int(blob["dim"]))
+        adapter.load_state_dict(blob["state_dict"])
+        adapter.meta = dict(blob.get("meta") or {})
+        return adapter
+
+
+def l2(x: Tensor) -> Tensor:
+    return F.normalize(x.float(), dim=-1)
