@@ -9,10 +9,25 @@ GPUS ?=
 SNAKEMAKE = $(VENV)/bin/snakemake --cores $(CORES) --configfile=$(CONFIG) $(if $(GPUS),--resources=gpu=$(GPUS))
 STAMP = $(VENV)/.installed
 
+# One workflow run per checkout, and no manual step after a kill. $(call locked,CMDS) runs
+# the shell commands CMDS holding a lock on $(LOCK) (flock(1), non-blocking): a second
+# `make all` in this checkout is refused at once, with the message below. The recipe's shell
+# and Snakemake hold the lock (Snakemake's jobs do not), so it lasts as long as the run and
+# `kill -9` of the run frees it. Holding it, no other run started by make is alive, so a lock
+# Snakemake left in .snakemake/locks is stale (a killed run's): `--unlock` clears it first.
+# profiles/default adds --rerun-incomplete: the rerun redoes what the killed run left unfinished.
+LOCK = .snakemake/make.lock
+BUSY = make: another run of the workflow is still running in this checkout (it holds $(LOCK): \
+make all, report, bench or download-voc); wait for it to end, or stop it, then run again
+locked = command -v flock >/dev/null || { echo "make: needs flock(1) (util-linux)" >&2; exit 1; }; \
+	mkdir -p .snakemake && { flock --nonblock 9 || { echo "$(BUSY)" >&2; exit 1; }; \
+	if [ -n "$$(ls -A .snakemake/locks 2>/dev/null)" ]; then \
+	echo "make: clearing Snakemake locks left by a killed run"; $(SNAKEMAKE) --unlock; fi && $(1); } 9>>$(LOCK)
+
 .PHONY: all test test-fast venv dry-run lint bench report clean clean-cache help download-voc docker-up docker-down docker-pull docker-exec
 
-all: $(STAMP)  ## run the whole experiment matrix (results/summary.md)
-	$(SNAKEMAKE) all
+all: $(STAMP)  ## run the whole experiment matrix (results/summary.md); rerun after any kill
+	$(call locked,$(SNAKEMAKE) all)
 
 test: $(STAMP)  ## run the test suite (all of it, the slow end-to-end workflow runs included)
 	$(VENV)/bin/python -m pytest
@@ -33,11 +48,10 @@ $(STAMP): envs/requirements.txt envs/requirements-nodeps.txt pyproject.toml
 	touch $(STAMP)
 
 report: $(STAMP)  ## figures, qualitative panels and the HTML report (results/report.html)
-	$(SNAKEMAKE) report_inputs
-	$(SNAKEMAKE) report_inputs --report results/report.html
+	$(call locked,$(SNAKEMAKE) report_inputs && $(SNAKEMAKE) report_inputs --report results/report.html)
 
 download-voc: $(STAMP)  ## opt-in (needs a network): download VOC 2012 to resources/VOCdevkit/VOC2012
-	$(VENV)/bin/snakemake --cores 1 download_voc
+	$(call locked,$(VENV)/bin/snakemake --cores 1 download_voc)
 
 dry-run: $(STAMP)  ## show the jobs `make all` would run
 	$(SNAKEMAKE) -n all
@@ -75,5 +89,5 @@ help:
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/:\t/'
 
 bench: $(STAMP)  ## text step / CE step time and describer calls per pair (prints ratios)
-	$(SNAKEMAKE) results/good_ckp/prefill_cache.pt results/vle/1/encoder.pt
+	$(call locked,$(SNAKEMAKE) results/good_ckp/prefill_cache.pt results/vle/1/encoder.pt)
 	$(VENV)/bin/python scripts/bench.py --config $(CONFIG)

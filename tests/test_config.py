@@ -87,7 +87,8 @@ def test_summary_naming_an_unknown_run() -> None:
     assert "summary" in message and "'zz'" in message
 
 
-@pytest.mark.parametrize("runs", [{}, {"a b": {}}, {"/a": {}}, {"a": None}])
+@pytest.mark.parametrize("runs", [{}, {"a b": {}}, {"/a": {}}, {"a": None}, {"../a": {}}, {"a/./b": {}},
+                                  {"a/.b": {}}, {"a$(id)": {}}])
 def test_bad_runs(runs) -> None:
     assert "runs" in rejected({"runs": runs})
 

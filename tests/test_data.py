@@ -133,6 +133,7 @@ def test_a_run_reads_its_splits_through_its_settings(tiny_run) -> None:
     run = tiny_run(train={"hflip": True}, data={"image_ext": ".jpg"})
     train, val = split_of(run.data, "train", run.train), split_of(run.data, "val", run.train)
     assert (train.hflip, train.seed, val.hflip) == (True, run.train.seed, False)  # only train is augmented
+    assert (train.num_classes, train.ignore_index) == (7, 255)  # label values are checked against classes.txt
     assert train.resize == run.data.resize and train.crop == run.data.crop and train.image_ext == ".jpg"
     assert not split_of(run.data, "train").hflip  # without train settings: no augmentation
     assert not split_of(run.data, "train", run.train.replace(hflip=False)).hflip
@@ -191,6 +192,40 @@ def test_corrupt_png_names_the_file(voc, how) -> None:
     with pytest.raises(DatasetError) as info:
         ds[0]
     assert str(path) in str(info.value)
+
+
+def test_truncated_jpeg_names_the_file(voc) -> None:
+    path = voc / "JPEGImages" / "2007_000001.jpg"
+    noise = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, quality=95)  # most of the file is pixel data
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # the header survives: only decoding the pixels finds it
+    with Image.open(path) as img:
+        assert img.size == (60, 40)
+    ds = folder(voc)
+    with pytest.raises(DatasetError) as info:
+        ds[0]
+    assert str(info.value).startswith(f"cannot read dataset file {path}: image file is truncated")
+    with pytest.raises(DatasetError, match="image file is truncated"):  # also from a loader's worker process
+        next(iter(DataLoader(ds, batch_size=3, num_workers=1)))
+
+
+def test_label_values_outside_the_classes_name_the_file_and_the_values(voc) -> None:
+    ds = folder(voc, num_classes=16)  # the fixture's labels: 0..15 and void
+    assert [int(ds[i]["mask"].max()) for i in range(3)] == [VOID, VOID, VOID]  # void is not a class, and allowed
+    path = voc / "SegmentationClass" / "2007_000002.png"
+    label = np.array(Image.open(path))
+    label[0, 0], label[1, 1] = 20, 16
+    png = Image.fromarray(label, mode="P")
+    png.putpalette(PALETTE)
+    png.save(path)
+    with pytest.raises(DatasetError) as info:
+        ds[1]
+    assert str(info.value) == (f"label map {path} holds values [16, 20] outside the classes 0..15 and the ignore "
+                               f"index {VOID}; fix the file, or data.class_names / data.ignore_index if they are wrong")
+    assert torch.is_tensor(ds[0]["mask"]) and torch.is_tensor(ds[2]["mask"])
+    assert torch.is_tensor(folder(voc, num_classes=21)[1]["mask"])  # with 21 classes, 16 and 20 are classes
+    assert torch.is_tensor(folder(voc)[1]["mask"])  # without num_classes nothing is checked
 
 
 def test_rgb_label_map_is_rejected_with_the_file(voc) -> None:

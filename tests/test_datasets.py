@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -22,7 +23,7 @@ import prepare_coco
 from conftest import REPO
 from snakemake_helpers import SNAKEMAKE, copy_repo, job_stats
 from ttdl.core.config import deep_merge, resolve_run, validate_config
-from ttdl.core.data import SegmentationFolder, read_class_names
+from ttdl.core.data import DatasetError, SegmentationFolder, read_class_names
 from ttdl.datasets.coco import (
     VOC_CLASSES,
     CocoError,
@@ -35,10 +36,12 @@ from ttdl.datasets.coco import (
 from ttdl.datasets.voc_check import (
     DataCheckError,
     check_dataset,
+    check_fingerprint,
     check_inputs,
     check_record,
     coco_record,
     dataset_key,
+    files_digest,
     key_pattern,
     lists_fingerprint,
     real_datasets,
@@ -198,7 +201,7 @@ def test_dataset_key_is_readable_and_distinguishes_roots() -> None:
 
 def test_workflow_glue_keys_and_fingerprint(voc) -> None:
     synthetic = {"kind": "synthetic", "root": "resources/data/synthetic"}
-    folder = {"kind": "folder", "root": str(voc), "resize": 520}
+    folder = {"kind": "folder", "root": str(voc), "resize": 520, "image_ext": ".jpg"}
     datasets = real_datasets([synthetic, folder, folder | {"resize": 64}])
     assert list(datasets) == [dataset_key(str(voc))] and datasets[dataset_key(str(voc))]["resize"] == 520
     assert not re.fullmatch(key_pattern(datasets, ("coco",)), dataset_key(str(voc)))
@@ -206,11 +209,95 @@ def test_workflow_glue_keys_and_fingerprint(voc) -> None:
     assert not re.fullmatch(key_pattern(datasets, ("folder",)), dataset_key(str(voc)) + "x")
     assert check_inputs(folder) == [] and check_inputs({"kind": "coco", "root": "x"}) == [coco_record("x")]
     before = lists_fingerprint(folder)
+    assert before == check_fingerprint(folder)  # what rule check_data tracks (its param `lists`)
     val = voc / "ImageSets/Segmentation/val.txt"
     os.utime(val, (1, 1))
     assert lists_fingerprint(folder) == before  # a touched list is the same list
     val.write_text("2007_000033\n2007_000032\n")
     assert lists_fingerprint(folder) != before
+    assert lists_fingerprint({"kind": "coco", "root": str(voc)}) == "prepared by prepare_coco"
+
+
+def test_fingerprint_follows_every_listed_file(voc) -> None:
+    folder = {"kind": "folder", "root": str(voc), "image_ext": ".jpg"}
+    seen = {check_fingerprint(folder)}
+    label = voc / "SegmentationClass" / "2007_000039.png"
+    os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 1))  # rewritten, same size
+    seen.add(check_fingerprint(folder))
+    palette_png(voc_label(30, 20, 19), label)  # edited
+    seen.add(check_fingerprint(folder))
+    (voc / "JPEGImages" / "2007_000033.jpg").unlink()  # gone
+    seen.add(check_fingerprint(folder))
+    assert len(seen) == 4
+    unlisted = voc / "SegmentationClass" / "2099_000001.png"
+    palette_png(voc_label(8, 8, 1), unlisted)  # a file no list names does not matter
+    assert check_fingerprint(folder) in seen
+    assert check_fingerprint(folder | {"image_ext": ".png"}) not in seen
+
+
+def test_re_extracting_the_same_archive_keeps_the_fingerprint(voc, tmp_path) -> None:
+    """tar restores the archived mtimes, so unpacking VOC again does not re-check and retrain everything."""
+    archive = tmp_path / "voc.tar"
+    archive.write_bytes(tar_of(voc))
+    dest = tmp_path / "unpacked"
+    folder = {"kind": "folder", "root": str(dest / "VOCdevkit" / "VOC2012"), "image_ext": ".jpg"}
+    fingerprints = []
+    for _ in range(2):
+        shutil.rmtree(dest, ignore_errors=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(dest, filter="data")
+        fingerprints.append(check_fingerprint(folder))
+    assert fingerprints[0] == fingerprints[1]
+
+
+def noisy_jpeg(path: Path, h: int, w: int) -> None:
+    """A JPEG that is mostly pixel data, so cutting it in half keeps its header."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, quality=95)
+
+
+def test_truncated_jpeg_fails_the_check_naming_the_file(voc) -> None:
+    path = voc / "JPEGImages" / "2007_000039.jpg"
+    noisy_jpeg(path, 30, 20)
+    check_dataset(voc, class_names=VOC_CLASSES)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with Image.open(path) as img:
+        assert img.size == (20, 30)  # the header alone looks fine
+    message = failure(voc)
+    assert f"1 unusable sample(s) in train.txt: cannot decode image {path}: image file is truncated (" in message
+    assert_explains_where_to_get_voc(message)
+
+
+def test_check_decodes_in_parallel_and_records_what_it_read(voc, capsys) -> None:
+    reports = [check_dataset(voc, class_names=VOC_CLASSES, workers=n) for n in (1, 3)]
+    assert reports[0] == reports[1]
+    report = reports[0]
+    expected = hashlib.sha256()
+    for uid in ("2007_000032", "2007_000039"):
+        expected.update(f"{uid}:{sha256(voc / 'JPEGImages' / f'{uid}.jpg')}:"
+                        f"{sha256(voc / 'SegmentationClass' / f'{uid}.png')}\n".encode())
+    assert report["splits"]["train"]["files_sha256"] == expected.hexdigest()
+    assert report["files_fingerprint"] == files_digest(voc, ".jpg") and report["ignore_index"] == VOID
+    check_dataset(voc, class_names=VOC_CLASSES, progress=True)
+    err = capsys.readouterr().err
+    assert "decoding train (" in err and "2/2" in err and "decoding val (" in err and "1/1" in err
+
+
+def test_a_label_edited_after_a_passing_check_is_caught_by_the_recheck_and_the_loader(voc) -> None:
+    folder = {"kind": "folder", "root": str(voc), "image_ext": ".jpg"}
+    check_dataset(voc, class_names=VOC_CLASSES)
+    before = check_fingerprint(folder)
+    path = voc / "SegmentationClass" / "2007_000033.png"
+    label = voc_label(28, 28, 15)
+    label[14, 14] = 27
+    palette_png(label, path)
+    assert check_fingerprint(folder) != before  # so the workflow runs check_data again
+    message = failure(voc)
+    assert f"1 unusable sample(s) in val.txt: {path} holds label values [27] outside 0..20 and void 255" in message
+    with pytest.raises(DatasetError) as info:
+        SegmentationFolder(voc, "val", resize=28, crop=28, num_classes=21)[0]
+    assert str(info.value) == (f"label map {path} holds values [27] outside the classes 0..20 and the ignore index "
+                               f"255; fix the file, or data.class_names / data.ignore_index if they are wrong")
 
 
 # ---- COCO RLE and polygons (decoded by pycocotools; checked against hand-computed masks) ----
@@ -583,6 +670,27 @@ def test_workflow_checks_data_before_training_and_explains_a_missing_voc(repo, v
     assert not (repo / "resources" / "VOCdevkit").exists()  # never downloads on its own
     assert sorted(p.name for p in voc.iterdir()) == ["Annotations", "ImageSets", "JPEGImages", "SegmentationClass"]
     assert (repo / "logs/check_data").is_dir() and (repo / "benchmarks/prepare_coco").is_dir()
+
+
+def test_workflow_rechecks_a_label_edited_after_a_passing_check(repo, voc) -> None:
+    (repo / "config" / "test.yaml").write_text(yaml.safe_dump({
+        "data": {"kind": "folder", "root": str(voc), "class_names": VOC_CLASSES, "resize": 16, "crop": 16}}))
+    check = f"resources/data_checks/{dataset_key(str(voc))}/check.json"
+    config = "--configfile=config/test.yaml"
+    first = snakemake(repo, config, check)
+    assert first.returncode == 0, first.output
+    unchanged = snakemake(repo, config, "-n", check)
+    assert unchanged.returncode == 0 and "Nothing to be done" in unchanged.output, unchanged.output
+    label = voc / "SegmentationClass" / "2007_000039.png"
+    edited = voc_label(30, 20, 20)
+    edited[15, 10] = 27
+    palette_png(edited, label)
+    dry = snakemake(repo, config, "-n", check)
+    assert dry.returncode == 0 and job_stats(dry.output) == {"check_data": 1, "total": 1}, dry.output
+    again = snakemake(repo, config, check)
+    assert again.returncode != 0 and not (repo / check).exists()
+    log = (repo / "logs" / "check_data" / f"{dataset_key(str(voc))}.log").read_text()
+    assert f"{label} holds label values [27] outside 0..20 and void 255" in log
 
 
 def test_integration_keeps_the_synthetic_default_and_download_is_explicit(repo) -> None:

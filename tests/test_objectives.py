@@ -11,6 +11,7 @@ from ttdl.core.io import load_torch, save_torch
 from ttdl.jobs.prefill import prefill_cache
 from ttdl.jobs.train import Trainer
 from ttdl.text.describers import DescriberError
+from ttdl.text.objectives import UnusableAnswersError
 
 TEXT = {"describer": {"image_size": 48}}
 
@@ -153,3 +154,38 @@ def test_issue4_heads_train_through_the_loop(tiny_run, tmp_path, objective):
 def test_pr_fusion_head_needs_the_vle2_adapter(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="vle/2"):
         text_trainer(tiny_run, tmp_path, {"name": "pr_fusion"})
+
+
+def test_unusable_answers_stop_the_run_naming_the_setting(tiny_run, tmp_path):
+    """A server that only answers garbage must not turn a text run into a silently scaled CE run."""
+    trainer = text_trainer(tiny_run, tmp_path, {"name": "grouped_siglip"}, describer={"image_size": 48,
+                                                                                   "min_answers_to_judge": 4})
+    trainer.objective.describer.describe = lambda requests: [None] * len(requests)
+    with pytest.raises(UnusableAnswersError, match=r"only 0 of \d+ describer answers .*min_usable_share"):
+        trainer.train_step(first_batch(trainer))
+
+
+def test_unusable_share_is_judged_at_the_end_of_a_short_epoch(tiny_run, tmp_path):
+    trainer = text_trainer(tiny_run, tmp_path, {"name": "grouped_siglip"})  # min_answers_to_judge 16 > one step
+    real = trainer.objective.describer.describe
+    trainer.objective.describer.describe = lambda requests: [None] * (len(requests) - 1) + real(requests[-1:])
+    logs = trainer.train_step(first_batch(trainer))
+    assert 0 < logs["text/describer_calls"] < 16 and logs["text/texts"] == 1
+    with pytest.raises(UnusableAnswersError, match="describer.min_usable_share 50%"):
+        trainer.objective.end_epoch()
+
+
+def test_zero_min_usable_share_trains_on_whatever_arrives(tiny_run, tmp_path):
+    trainer = text_trainer(tiny_run, tmp_path, {"name": "grouped_siglip"},
+                           describer={"image_size": 48, "min_usable_share": 0.0, "min_answers_to_judge": 1})
+    trainer.objective.describer.describe = lambda requests: [None] * len(requests)
+    logs = trainer.train_step(first_batch(trainer))
+    assert logs["text/texts"] == 0 and logs["text/malformed"] == logs["text/describer_calls"] > 0
+    assert trainer.objective.end_epoch()["malformed"] == logs["text/malformed"]
+
+
+def test_summary_reports_answer_statistics(tiny_run, tmp_path):
+    trainer = text_trainer(tiny_run, tmp_path, {"name": "grouped_siglip"})
+    summary = trainer.fit()
+    assert summary["describer_usable_share"] == 1.0
+    assert summary["answer_words_mean"] > 3  # the rules describer writes sentences

@@ -15,7 +15,7 @@ from ttdl.core import losses, models, runtime
 from ttdl.core.config import RUN_KEYS, SHARED_SECTIONS, load_schema, resolve_run, validate_config
 from ttdl.core.settings import SECTIONS, AdaptationJob, AdaptationSettings, RunSettings, Section
 from ttdl.jobs import encoder_adaptation
-from ttdl.text import cache, heads
+from ttdl.text import cache, heads, objectives
 from ttdl.text.describers import BACKENDS, endpoints
 
 SCHEMA = load_schema()
@@ -44,6 +44,7 @@ REGISTRIES = {
     "train.amp": lambda: set(runtime.AMP_MODES),
     "train.device": lambda: set(runtime.DEVICES),
     "adaptation.kind": lambda: set(encoder_adaptation.ADAPTATIONS),
+    "describer.schedule": lambda: set(objectives.SCHEDULES),
 }
 
 # enums that the code reads with a plain comparison, without a table of implementations

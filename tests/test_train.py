@@ -17,6 +17,7 @@ from conftest import REPO, make_tiny_run
 from ttdl.core.config import resolve_run, to_json
 from ttdl.core.io import load_torch, save_torch
 from ttdl.core.models import build_model
+from ttdl.core.provenance import ProvenanceError
 from ttdl.core.settings import RunSettings
 from ttdl.jobs.train import Trainer, epoch_order, lr_factor, run_fingerprint
 from ttdl.text.objectives import CrossEntropyOnly
@@ -249,3 +250,22 @@ def test_init_weights_of_the_wrong_shape_fail_naming_the_file(tiny_run, tmp_path
     save_torch(path, {"model": build_model("lraspp_mobilenet_v3_large", 3).state_dict()})
     with pytest.raises(RuntimeError, match="three_classes.pth"):
         Trainer(tiny_run(), tmp_path / "out", init_weights=str(path))
+
+
+def test_checkpoints_record_provenance_and_an_init_from_other_data_is_refused(tiny_run, tmp_path) -> None:
+    out = tmp_path / "out"
+    Trainer(tiny_run(), out, log=lambda *_: None).fit()
+    weights = load_torch(out / "weights.pth")
+    assert set(weights["provenance"]) == {"dataset", "class_names"} and len(weights["class_names"]) == 7
+    # the same data: the chain starts
+    Trainer(tiny_run("ft"), tmp_path / "ft", init_weights=str(out / "weights.pth"), log=lambda *_: None)
+    # other classes: refused, naming the file and what differs
+    renamed = tiny_run("ft2", data={"class_names": ["bg", "a", "b", "c", "d", "e", "f"]})
+    with pytest.raises(ProvenanceError, match=r"weights.pth: this checkpoint was produced by another setup:"
+                                              r"(.|\n)*class_names: file has \['background'"):
+        Trainer(renamed, tmp_path / "ft2", init_weights=str(out / "weights.pth"), log=lambda *_: None)
+    # a checkpoint that records nothing cannot be checked
+    bare = tmp_path / "bare.pth"
+    save_torch(bare, {"model": weights["model"]})
+    with pytest.raises(ProvenanceError, match="records nothing about what produced it"):
+        Trainer(tiny_run("ft3"), tmp_path / "ft3", init_weights=str(bare), log=lambda *_: None)

@@ -1,8 +1,11 @@
 """The Snakemake workflow through the real CLI, in temporary copies of the repository."""
 from __future__ import annotations
 
+import copy
+import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -12,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from snakemake_helpers import SNAKEMAKE, TEST_CONFIG, job_stats
+from snakemake_helpers import SNAKEMAKE, TEST_CONFIG, hold_workflow_lock, job_stats, make, make_command
 from snakemake_helpers import copy_repo as copy_repo_files
 
 TINY_CONFIG = yaml.safe_load((REPO / ".test" / "config.yaml").read_text())
@@ -37,26 +40,29 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
-def snakemake_killed_once(cwd: Path, sign: Path, *args: str, timeout: float = 300) -> tuple[int, str]:
-    """Run Snakemake in a process group of its own and SIGKILL the whole group (Snakemake and
-    its jobs, as a lost node or a hard stop would) as soon as the file `sign` exists.
+def killed_once(cwd: Path, sign: Path, command: list[str], timeout: float = 300,
+                during=None) -> tuple[int, str]:
+    """Run `command` (`make all`, Snakemake) in a process group of its own and SIGKILL the whole
+    group (make, Snakemake and its jobs, as a lost node or a hard stop would) as soon as the
+    file `sign` exists; `during()` is called just before the kill, while the run is alive.
 
-    Returns Snakemake's exit status (-SIGKILL when it was killed) and its output.
+    Returns the command's exit status (-SIGKILL when it was killed) and its output.
     """
-    log = cwd / "killed_snakemake.log"
+    log = cwd / "killed_run.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([str(SNAKEMAKE), *args], cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
         while proc.poll() is None and not sign.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
+        if proc.poll() is None and during is not None:
+            during()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         returncode = proc.wait(timeout=30)
         while group_alive(proc.pid) and time.monotonic() < deadline + 30:  # the jobs go with it
             time.sleep(0.02)
-        assert not group_alive(proc.pid), "a process of the killed Snakemake survived"
+        assert not group_alive(proc.pid), "a process of the killed run survived"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -220,22 +226,143 @@ def edit(path: Path) -> None:
     os.utime(path, (later, later))
 
 
+BUSY = ("make: another run of the workflow is still running in this checkout (it holds .snakemake/make.lock: "
+        "make all, report, bench or download-voc); wait for it to end, or stop it, then run again")
+
+
+def one_run_config() -> dict:
+    """The tiny config with its first run only: `make all` = data, one training, evaluate, summary."""
+    config = copy.deepcopy(TINY_CONFIG)
+    config["runs"] = {"0": config["runs"]["0"]}
+    config["summary"] = ["0"]
+    return config
+
+
 @pytest.mark.slow
-def test_sigkill_of_a_running_workflow_resumes_training_on_rerun(tmp_path) -> None:
-    """Kill Snakemake and its train job mid-epoch; after `--unlock`, a rerun resumes and finishes."""
-    repo = copy_repo(tmp_path / "repo")
+def test_sigkill_of_make_all_then_make_all_again_finishes(tmp_path) -> None:
+    """`kill -9` of the whole `make all` tree mid-training leaves Snakemake's lock behind; while
+    it ran, a second `make all` was refused; `make all` again, with no manual step, clears the
+    stale lock, resumes the killed training and finishes."""
+    repo = copy_repo(tmp_path / "repo", one_run_config())
     (repo / "often.yaml").write_text("train: {checkpoint_every_steps: 1}\n")  # state/last.pt after step 1
-    target = "results/0/weights.pth"
-    args = (target, "--configfile", ".test/config.yaml", "often.yaml", "--replace-workflow-config")
+    args = ("all", "CONFIG=often.yaml")
     state = repo / "results" / "0" / "state" / "last.pt"
-    returncode, text = snakemake_killed_once(repo, state, *args)
+    refused = []
+
+    def second_make_all() -> None:
+        refused.append(make(repo, *args, timeout=60))
+
+    returncode, text = killed_once(repo, state, make_command(*args), during=second_make_all)
     assert returncode == -signal.SIGKILL, text  # killed, not finished
-    assert state.is_file() and not (repo / target).exists(), text
-    unlock = snakemake(repo, "--unlock", *args)  # a killed Snakemake leaves its lock behind
-    assert unlock.returncode == 0, output_of(unlock)
-    rerun = snakemake(repo, *args)
-    assert rerun.returncode == 0, output_of(rerun)
+    assert state.is_file() and not (repo / "results" / "0" / "weights.pth").exists(), text
+    assert refused and refused[0].returncode != 0 and BUSY in refused[0].stderr, refused
+    assert "Building DAG" not in refused[0].stdout + refused[0].stderr  # refused before Snakemake started
+    assert list((repo / ".snakemake" / "locks").iterdir()), "the killed Snakemake left no lock to clear"
+    rerun = make(repo, *args)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "make: clearing Snakemake locks left by a killed run" in rerun.stdout
     log = (repo / "logs" / "train" / "0.log").read_text()
     resumed = re.search(r"resumed 0 from \S+: epoch \d+, step (\d+)", log)
     assert resumed and int(resumed.group(1)) >= 1, log
-    assert (repo / target).is_file()
+    assert (repo / "results" / "summary.md").is_file()
+    locks = repo / ".snakemake" / "locks"
+    assert not locks.exists() or not list(locks.iterdir())  # the finished run left no lock
+
+
+def test_a_second_make_all_in_one_checkout_is_refused(tmp_path) -> None:
+    """While a run holds the checkout's lock, `make all` stops at once with a clear message and
+    touches nothing (Snakemake's own locks of the running workflow are left alone)."""
+    repo = copy_repo(tmp_path / "repo", one_run_config())
+    with hold_workflow_lock(repo):
+        busy = make(repo, "all", timeout=60)
+    assert busy.returncode != 0
+    assert busy.stderr.splitlines()[0] == BUSY, busy.stderr
+    for made in ("resources", "results", "logs"):
+        assert not (repo / made).exists(), made
+    assert not (repo / ".snakemake" / "locks").exists()
+
+
+# ---- names and values through the real CLI ----------------------------------------------
+
+def test_an_adaptation_named_like_a_command_is_refused_and_runs_nothing(tmp_path) -> None:
+    config = copy.deepcopy(TINY_CONFIG)
+    config["adaptations"] = {"z$(touch pwned)": {"init": "0"}}
+    repo = copy_repo(tmp_path / "repo", config)
+    proc = snakemake(repo, "results/z$(touch pwned)/encoder.pt")
+    text = output_of(proc)
+    assert proc.returncode != 0
+    assert ("  - adaptations: 'z$(touch pwned)' is not a valid id: use segments of letters, digits, "
+            "'_', '-' and '.' separated by '/', none starting with '.'") in text, text
+    assert not [p for p in tmp_path.rglob("*pwned*") if p.name == "pwned"]
+    for made in ("resources", "results", "logs"):
+        assert not (repo / made).exists(), made
+
+
+def test_a_run_id_that_leaves_the_results_tree_is_refused(tmp_path) -> None:
+    config = copy.deepcopy(TINY_CONFIG)
+    config["runs"]["../../escape"] = {}
+    repo = copy_repo(tmp_path / "repo", config)
+    proc = snakemake(repo, "all")
+    text = output_of(proc)
+    assert proc.returncode != 0
+    assert "  - runs: '../../escape' is not a valid id" in text, text
+    assert not (tmp_path / "escape").exists() and not (repo / "results").exists()
+
+
+def train_run_json(text: str, run: str) -> dict:
+    """The --run-json a dry run (-p) would hand the train job of `run`."""
+    for line in text.splitlines():
+        if "scripts/train.py" in line and f"--out results/{run} " in line:
+            words = shlex.split(line.split("Shell command:", 1)[-1])
+            return json.loads(words[words.index("--run-json") + 1])
+    raise AssertionError(f"no train command for {run}:\n{text}")
+
+
+def test_the_readme_override_example_works(default_copy) -> None:
+    """`--config 'train={"epochs": 2}'` (the README's example): Snakemake hands nested values
+    over as strings; the workflow types them by the schema."""
+    readme = snakemake(default_copy, "-n", "results/0/weights.pth", "--config", 'train={"epochs": 2}')
+    assert readme.returncode == 0, output_of(readme)
+    # (every shipped run sets its own epochs, which win: check the typing on keys that reach run 0)
+    proc = snakemake(default_copy, "-n", "-p", "results/0/weights.pth", "--config",
+                     'train={"epochs": 2, "lr": "0.01", "grad_clip": null, "hflip": false}',
+                     'runs={"0": {"train": {"epochs": 3}}}')
+    text = output_of(proc)
+    assert proc.returncode == 0, text
+    train = train_run_json(text, "0")["train"]
+    assert train["epochs"] == 3 and train["lr"] == 0.01 and train["grad_clip"] is None and train["hflip"] is False
+
+
+@pytest.mark.parametrize("override, line", [
+    ('train={"lr": "nan"}', "  - train.lr: nan is not a finite number"),
+    ('train={"epochs": "two"}', "  - train.epochs: 'two' is not of type 'integer'"),
+    ('runs={"2": {"objective": {"lambda": "1.5"}}}',
+     "  - runs.2.objective.lambda: 1.5 is greater than 1, the most mix 'convex' allows"),
+])
+def test_bad_overrides_are_named(default_copy, override, line) -> None:
+    proc = snakemake(default_copy, "-n", "results/0/weights.pth", "--config", override)
+    text = output_of(proc)
+    assert proc.returncode != 0 and line in text, text
+    assert "Job stats" not in text
+
+
+SHELL_FIELD = re.compile(r"\{([A-Za-z_][\w.]*)(?::([^{}]*))?\}")
+
+
+def shell_templates() -> list[tuple[str, str]]:
+    """(file, text of a rule's `shell:` block) for every rule of the workflow."""
+    blocks = []
+    for path in [REPO / "workflow" / "Snakefile", *sorted((REPO / "workflow" / "rules").glob("*.smk"))]:
+        for match in re.finditer(r"^([ \t]*)shell:\n((?:\1[ \t]+.*\n|[ \t]*\n)+)", path.read_text(), flags=re.M):
+            blocks.append((path.name, match.group(2)))
+    return blocks
+
+
+def test_every_field_of_every_shell_command_is_quoted() -> None:
+    """A wildcard, a path or a config value reaches the shell only through `:q`."""
+    blocks = shell_templates()
+    assert len(blocks) >= 12, blocks
+    fields = [(name, m.group(0)) for name, block in blocks for m in SHELL_FIELD.finditer(block)]
+    assert len(fields) >= 40
+    unquoted = [(name, field) for name, field in fields if not field.endswith(":q}")]
+    assert not unquoted, unquoted

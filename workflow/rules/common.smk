@@ -96,7 +96,8 @@ def concat_encoder_input(wildcards):
 
 
 def optional_arg(flag, files):
-    return f"{flag} {files[0]}" if files else ""
+    """`[flag, file]` for a rule's optional input (none: []); shell it as `{params.x:q}`."""
+    return [flag, files[0]] if files else []
 
 
 def summary_experiments():

@@ -18,4 +18,4 @@ if config["data"]["kind"] == "synthetic":
         params:
             run=lambda wildcards: to_json({"data": config["data"]}),
         shell:
-            "python {input.script} --run-json {params.run:q} > {log} 2>&1"
+            "python {input.script:q} --run-json {params.run:q} > {log:q} 2>&1"

@@ -37,7 +37,7 @@ rule check_data:
         data=lambda wildcards: to_json(check_settings(DATASETS[wildcards.dataset])),
         lists=lambda wildcards: lists_fingerprint(DATASETS[wildcards.dataset]),
     shell:
-        "python {input.script} --data-json {params.data:q} --out {output} > {log} 2>&1"
+        "python {input.script:q} --data-json {params.data:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule prepare_coco:
@@ -55,7 +55,7 @@ rule prepare_coco:
     params:
         data=lambda wildcards: to_json({k: DATASETS[wildcards.coco_dataset].get(k) for k in ("root", "coco")}),
     shell:
-        "python {input.script} --data-json {params.data:q} --out {output} > {log} 2>&1"
+        "python {input.script:q} --data-json {params.data:q} --out {output:q} > {log:q} 2>&1"
 
 
 # Opt-in, for connected machines: `.venv/bin/snakemake --cores 1 download_voc`.
@@ -75,4 +75,4 @@ rule download_voc:
     benchmark:
         "benchmarks/download_voc.tsv"
     shell:
-        "python {input.script} --dest resources --out {output} > {log} 2>&1"
+        "python {input.script:q} --dest resources --out {output:q} > {log:q} 2>&1"

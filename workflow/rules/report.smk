@@ -33,7 +33,8 @@ rule figures:
         runs=expand("results/{run}", run=config["summary"]),
         out_dir=lambda wildcards, output: os.path.dirname(output.curves),
     shell:
-        "python {input.script} --runs {params.runs} --summary {input.summary} --out-dir {params.out_dir} > {log} 2>&1"
+        "python {input.script:q} --runs {params.runs:q} --summary {input.summary:q} "
+        "--out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
 rule summary_table:
@@ -48,7 +49,7 @@ rule summary_table:
     benchmark:
         "benchmarks/summary_table.tsv"
     shell:
-        "python {input.script} --summary {input.summary} --table-html {output} > {log} 2>&1"
+        "python {input.script:q} --summary {input.summary:q} --table-html {output:q} > {log:q} 2>&1"
 
 
 rule qualitative:
@@ -75,8 +76,8 @@ rule qualitative:
     params:
         run=full_run_json,
     shell:
-        "python {input.script} --run-json {params.run:q} --before {input.before} --after {input.after} "
-        "--out {output} > {log} 2>&1"
+        "python {input.script:q} --run-json {params.run:q} --before {input.before:q} --after {input.after:q} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule report_inputs:

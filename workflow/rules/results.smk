@@ -19,7 +19,10 @@ rule evaluate:
     params:
         run=run_json,
     shell:
-        gpu_job("python {input.script} --run-json {params.run:q} --weights {input.weights} --out {output} > {log} 2>&1")
+        gpu_job(
+            "python {input.script:q} --run-json {params.run:q} --weights {input.weights:q} "
+            "--out {output:q} > {log:q} 2>&1"
+        )
 
 
 rule summarize:
@@ -37,4 +40,5 @@ rule summarize:
     params:
         experiments=lambda wildcards: to_json(summary_experiments()),
     shell:
-        "python {input.script} --experiments-json {params.experiments:q} --csv {output.csv} --md {output.md} > {log} 2>&1"
+        "python {input.script:q} --experiments-json {params.experiments:q} "
+        "--csv {output.csv:q} --md {output.md:q} > {log:q} 2>&1"

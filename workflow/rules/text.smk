@@ -21,8 +21,8 @@ rule adapt_encoder:
         run=lambda wildcards: to_json(resolve_adaptation(config, wildcards.encoder_adaptation)),
     shell:
         gpu_job(
-            "python {input.script} --run-json {params.run:q} --weights {input.weights} "
-            "--out results/{wildcards.encoder_adaptation} > {log} 2>&1"
+            "python {input.script:q} --run-json {params.run:q} --weights {input.weights:q} "
+            "--out results/{wildcards.encoder_adaptation:q} > {log:q} 2>&1"
         )
 
 
@@ -48,8 +48,8 @@ rule adapt_concat:
         encoder=lambda wildcards, input: optional_arg("--encoder", input.encoder),
     shell:
         gpu_job(
-            "python {input.script} --run-json {params.run:q} --weights {input.weights} {params.encoder} "
-            "--out results/{wildcards.concat_adaptation} > {log} 2>&1"
+            "python {input.script:q} --run-json {params.run:q} --weights {input.weights:q} {params.encoder:q} "
+            "--out results/{wildcards.concat_adaptation:q} > {log:q} 2>&1"
         )
 
 
@@ -71,4 +71,7 @@ rule prefill_cache:
     params:
         run=full_run_json,
     shell:
-        gpu_job("python {input.script} --run-json {params.run:q} --weights {input.weights} --out {output} > {log} 2>&1")
+        gpu_job(
+            "python {input.script:q} --run-json {params.run:q} --weights {input.weights:q} "
+            "--out {output:q} > {log:q} 2>&1"
+        )

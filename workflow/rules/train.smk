@@ -23,15 +23,14 @@ rule train:
         gpu=1,
     params:
         run=run_json,
-        extra=lambda wildcards, input: " ".join(
-            [
-                optional_arg("--init", input.init),
-                optional_arg("--cache", input.cache),
-                optional_arg("--encoder", input.encoder),
-                optional_arg("--concat-adapter", input.concat),
-            ]
+        extra=lambda wildcards, input: (
+            optional_arg("--init", input.init)
+            + optional_arg("--cache", input.cache)
+            + optional_arg("--encoder", input.encoder)
+            + optional_arg("--concat-adapter", input.concat)
         ),
     shell:
         gpu_job(
-            "python {input.script} --run-json {params.run:q} --out results/{wildcards.run} {params.extra} > {log} 2>&1"
+            "python {input.script:q} --run-json {params.run:q} --out results/{wildcards.run:q} "
+            "{params.extra:q} > {log:q} 2>&1"
         )

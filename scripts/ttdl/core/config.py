@@ -9,6 +9,9 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
+import re
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,9 +27,20 @@ class ConfigError(ValueError):
     """A config problem; the message names the file and the key."""
 
 
-def _with_defaults(validator_cls):
-    """A validator that also writes schema defaults into the instance."""
+def _non_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _project_validator(validator_cls):
+    """The schema's validator with this project's two additions, so that no key needs its own:
+
+    * `properties` also writes schema defaults into the instance;
+    * numbers are finite: NaN and +-inf fail every `type: number` (and `integer`) with
+      "... is not a finite number", and bounds never see them (NaN compares False with
+      any `minimum`/`maximum`, which is how it slipped through).
+    """
     validate_properties = validator_cls.VALIDATORS["properties"]
+    validate_type = validator_cls.VALIDATORS["type"]
 
     def set_defaults(validator, properties, instance, schema):
         if isinstance(instance, dict):
@@ -35,10 +49,20 @@ def _with_defaults(validator_cls):
                     instance[key] = copy.deepcopy(sub["default"])
         yield from validate_properties(validator, properties, instance, schema)
 
-    return jsonschema.validators.extend(validator_cls, {"properties": set_defaults})
+    def finite_type(validator, types, instance, schema):
+        if _non_finite(instance) and {"number", "integer"} & set([types] if isinstance(types, str) else types):
+            yield jsonschema.ValidationError(f"{instance!r} is not a finite number")
+        else:
+            yield from validate_type(validator, types, instance, schema)
+
+    is_number = validator_cls.TYPE_CHECKER.is_type
+    checker = validator_cls.TYPE_CHECKER.redefine(
+        "number", lambda checker, value: is_number(value, "number") and not _non_finite(value))
+    return jsonschema.validators.extend(validator_cls, {"properties": set_defaults, "type": finite_type},
+                                        type_checker=checker)
 
 
-_Validator = _with_defaults(jsonschema.Draft7Validator)
+_Validator = _project_validator(jsonschema.Draft7Validator)
 
 
 # libyaml's loader when PyYAML was built with it: the same documents, parsed ~8x faster.
@@ -57,13 +81,115 @@ def _key_path(error: jsonschema.ValidationError, prefix: str) -> str:
     return ".".join(parts) or "<top level>"
 
 
+def _message(error: jsonschema.ValidationError) -> str:
+    """jsonschema's message, or the failing schema's own `x-message` after the value (ids)."""
+    own = error.schema.get("x-message") if isinstance(error.schema, dict) else None
+    return f"{error.instance!r} {own}" if own and error.validator != "type" else error.message
+
+
+def _invalid(source: str, lines: list[str]) -> ConfigError:
+    return ConfigError(f"invalid config ({source}):\n" + "\n".join(f"  - {line}" for line in lines))
+
+
 def _validate(instance: dict, schema: dict, source: str, prefix: str = "") -> None:
     """Validate `instance` in place (filling defaults); a ConfigError lists the first problems."""
     errors = sorted(_Validator(schema).iter_errors(instance), key=lambda e: list(e.absolute_path))
     if errors:
-        lines = [f"  - {_key_path(e, prefix)}: {e.message}" for e in errors[:10]]
-        raise ConfigError(f"invalid config ({source}):\n" + "\n".join(lines)
-                          + f"\nSee {SCHEMA_NAME} for the allowed keys and types.")
+        error = _invalid(source, [f"{_key_path(e, prefix)}: {_message(e)}" for e in errors[:10]])
+        raise ConfigError(f"{error}\nSee {SCHEMA_NAME} for the allowed keys and types.")
+
+
+# ---- ids -------------------------------------------------------------------------------
+
+@functools.cache
+def _id_pattern() -> re.Pattern:
+    return re.compile(load_schema()["definitions"]["id"]["pattern"])
+
+
+def check_id(value: str, key: str, source: str = "config") -> str:
+    """`value` if it is a safe id (schema definition `id`: it becomes a path and a shell
+    argument); else a ConfigError that names `key`."""
+    if not isinstance(value, str) or not _id_pattern().fullmatch(value):
+        raise _invalid(source, [f"{key}: {value!r} {load_schema()['definitions']['id']['x-message']}"])
+    return value
+
+
+# ---- command-line overrides -----------------------------------------------------------
+
+_YAML_NULLS = ("~", "null", "Null", "NULL")
+
+
+def _schema_at(schema: dict, root: dict) -> dict:
+    while "$ref" in schema:  # local references only ("#/definitions/name")
+        schema = root["definitions"][schema["$ref"].rsplit("/", 1)[-1]]
+    return schema
+
+
+def _typed(value: Any, schema: dict, root: dict) -> Any:
+    """`value` with each string typed as the schema expects at its place (see typed_overrides)."""
+    schema = _schema_at(schema, root)
+    if isinstance(value, Mapping):
+        extra = schema.get("additionalProperties")
+        properties = schema.get("properties", {})
+        return {key: _typed(item, properties.get(key, extra if isinstance(extra, dict) else {}), root)
+                for key, item in value.items()}
+    if isinstance(value, list):
+        items = schema.get("items")
+        return [_typed(item, items, root) if isinstance(items, dict) else item for item in value]
+    if not isinstance(value, str):
+        return value
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    if "null" in types and value in _YAML_NULLS:  # `null` means None, also where a string may stand
+        return None
+    if "string" in types or not types:  # a string is meant (or an enum: its names are strings)
+        return value
+    if "boolean" in types:
+        parsed = yaml.safe_load(value)  # YAML 1.1, as in a config file: true/false, yes/no, on/off
+        if isinstance(parsed, bool):
+            return parsed
+    for kind, parse in (("integer", int), ("number", int), ("number", float)):
+        if kind in types:
+            try:
+                return parse(value)
+            except ValueError:
+                pass
+    return value  # the validator names the key and the type it wanted
+
+
+def typed_overrides(overrides: Mapping) -> dict:
+    """Overrides from Snakemake's `--config KEY=VALUE`, typed by the schema.
+
+    Snakemake parses a top-level VALUE as int, float or bool, but a nested one
+    (`train={"epochs": 2}`) with YAML's BaseLoader, which keeps every scalar a string.
+    Each string is read here as the schema expects at its place: `null` (`~`) is None
+    where null is allowed; else an integer, number (NaN/inf then fail as non-finite)
+    or boolean where one is expected and no string is allowed. Otherwise it stays a
+    string (an unparsable value is then named by the validator with its type). Run
+    overrides (`runs={"a": {"train": ...}}`) are typed by their section's definition.
+    """
+    root = load_schema()
+    typed = _typed(dict(overrides), root, root)
+    for run in (typed.get("runs") or {}).values():
+        if isinstance(run, dict):
+            for section in SHARED_SECTIONS:
+                if isinstance(run.get(section), dict):
+                    run[section] = _typed(run[section], root["definitions"][section], root)
+    return typed
+
+
+def apply_command_line(config: dict, overrides: Mapping) -> dict:
+    """Merge `typed_overrides(overrides)` over `config` in place (Snakemake has already merged
+    them untyped; the typed values replace those); returns config."""
+    def merge(into: dict, values: dict) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = copy.deepcopy(value)
+
+    merge(config, typed_overrides(overrides))
+    return config
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -82,6 +208,9 @@ def validate_config(config: dict, source: str = "config") -> dict:
     _validate(config, schema, source)
     expand_seeds(config)
     runs = config["runs"]
+    for run_id, run in runs.items():
+        if run.get("seed_of") is not None:  # the per-seed ids are paths too
+            check_id(run_id, f"seeds (run {run['seed_of']!r}, seed {run['train']['seed']!r})", source)
     resolved = {}
     for run_id, run in runs.items():
         init = run.get("init")
@@ -190,6 +319,21 @@ def resolve_run(config: dict, run_id: str, source: str = "config") -> dict:
     return resolved
 
 
+def _convex_lambda(objective: dict) -> tuple[str, str] | None:
+    """(1 - lambda) * CE + lambda * aux: lambda > 1 gives CE a negative weight (CE-only runs
+    ignore lambda)."""
+    if objective["name"] != "none" and objective["mix"] == "convex" and objective["lambda"] > 1:
+        return "lambda", (f"{objective['lambda']!r} is greater than 1, the most mix 'convex' allows "
+                          "((1 - lambda) * CE would turn negative: gradient ascent on CE); "
+                          "use mix 'additive' for a larger weight")
+    return None
+
+
+# Rules across keys of one section, checked after the schema on every resolved section
+# (so a shared value and a run's override are judged together): rule(section) -> (key, why).
+SECTION_RULES = {"objective": (_convex_lambda,)}
+
+
 # Validated sections by content: runs mostly share their sections, and planning the
 # workflow resolves every run, so each distinct section is validated once per process.
 _FILLED: dict[tuple[str, str], dict] = {}
@@ -206,6 +350,10 @@ def _filled_section(name: str, values: dict, source: str, prefix: str) -> dict:
     filled = _FILLED.get(key)
     if filled is None:
         _validate(values, _section_schema(name), source, prefix=prefix)
+        for rule in SECTION_RULES.get(name, ()):
+            problem = rule(values)
+            if problem is not None:
+                raise _invalid(source, [f"{prefix}.{problem[0]}: {problem[1]}"])
         filled = _FILLED[key] = copy.deepcopy(values)
         return values
     return copy.deepcopy(filled)

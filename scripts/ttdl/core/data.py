@@ -3,7 +3,10 @@
 The embedded synthetic set and real VOC share one loader: images under
 JPEGImages/, palette-PNG label maps under SegmentationClass/ (pixel value =
 class index, 255 = void), and split lists under ImageSets/Segmentation/.
-Missing or corrupt files fail with the offending path in the message.
+Missing, undecodable or corrupt files fail with the offending path in the
+message, and so does a label value that is neither a class nor the ignore index
+(instead of an anonymous "Target 7 is out of bounds" later, or a device-side
+assert on CUDA).
 """
 from __future__ import annotations
 
@@ -47,11 +50,15 @@ class SegmentationFolder(Dataset):
 
     Images are resized so the shorter side is `resize`, then center-cropped to
     `crop` (the original's 520/520 for VOC; the synthetic set is already square).
+    With `num_classes`, every label map is checked to hold only 0..num_classes-1
+    and `ignore_index` (one torch.unique per sample).
     """
 
     def __init__(self, root: str | Path, split: str, *, resize: int, crop: int,
-                 hflip: bool = False, seed: int = 0, image_ext: str = ".jpg"):
+                 hflip: bool = False, seed: int = 0, image_ext: str = ".jpg",
+                 num_classes: int | None = None, ignore_index: int = 255):
         self.root = Path(root)
+        self.num_classes, self.ignore_index = num_classes, ignore_index
         self.split = split
         self.uids = read_split(self.root, split)
         self.resize, self.crop = resize, crop
@@ -82,14 +89,25 @@ class SegmentationFolder(Dataset):
                     raise DatasetError(f"label map {path} has mode {img.mode}; expected a palette (P) or grey (L) "
                                        "PNG of class indices")
                 return np.array(img)
-        except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise DatasetError(f"cannot read dataset file {path}: {exc}") from exc
+
+    def _check_label_values(self, label: torch.Tensor, path: Path) -> None:
+        if self.num_classes is None:
+            return
+        values = torch.unique(label)
+        bad = values[(values >= self.num_classes) & (values != self.ignore_index)].tolist()
+        if bad:
+            raise DatasetError(f"label map {path} holds values {bad[:10]} outside the classes "
+                               f"0..{self.num_classes - 1} and the ignore index {self.ignore_index}; fix the file, "
+                               f"or data.class_names / data.ignore_index if they are wrong")
 
     def __getitem__(self, index: int) -> dict:
         uid = self.uids[index]
         image_path, label_path = self._paths(uid)
         image = torch.from_numpy(self._open(image_path, "RGB")).permute(2, 0, 1).float() / 255.0
         label = torch.from_numpy(self._open(label_path, None).astype(np.int64))
+        self._check_label_values(label, label_path)
         if image.shape[1:] != label.shape:
             raise DatasetError(f"size mismatch: {image_path} is {tuple(image.shape[1:])}, "
                                f"{label_path} is {tuple(label.shape)}")
@@ -100,10 +118,21 @@ class SegmentationFolder(Dataset):
 
 
 def split_of(data: DataSettings, split: str, train: TrainSettings | None = None) -> SegmentationFolder:
-    """One split of the run's dataset; with `train`, the train split flips as train.hflip says (seed train.seed)."""
+    """One split of the run's dataset; with `train`, the train split flips as train.hflip says (seed train.seed).
+
+    Label values are checked against the run's classes when it has any (data.class_names or classes.txt).
+    """
     augment = {} if train is None else {"hflip": train.hflip and split == "train", "seed": train.seed}
     return SegmentationFolder(data.root, split, resize=data.resize, crop=data.crop, image_ext=data.image_ext,
-                              **augment)
+                              num_classes=class_count_of(data), ignore_index=data.ignore_index, **augment)
+
+
+def class_count_of(data: DataSettings) -> int | None:
+    """The run's number of classes, or None when neither data.class_names nor classes.txt names them."""
+    try:
+        return len(class_names_of(data))
+    except DatasetError:
+        return None
 
 
 def class_names_of(data: DataSettings) -> list[str]:

@@ -134,6 +134,10 @@ class DescriberSettings(Section):
     request_deadline_s: float
     max_response_bytes: int
     max_answer_chars: int
+    schedule: str
+    max_staleness_steps: int
+    min_usable_share: float
+    min_answers_to_judge: int
     retries: int
     backoff_s: float
     max_concurrency: int
@@ -166,6 +170,11 @@ class CacheSettings(Section):
     skip_unchanged: Optional[bool]
     empty_vs_empty: Optional[float]
     reuse_cached_text: Optional[bool]
+    policy: str
+    redescribe_below_iou: float
+    max_text_age_epochs: Optional[int]
+    calls_per_epoch: Optional[int]
+    calls_per_pair: Optional[float]
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,17 @@ COCO converted by rule prepare_coco), so the workflow checks it once up front
 (rule check_data) instead of failing an hour into training: split lists
 present, non-empty, without duplicates or train/val overlap, their counts and
 sha256 against `data.expected_counts` / `data.split_sha256` when set, every
-listed image and label present, labels palette/grey PNGs of the image's size
-holding only class indices or void. All problems are reported together, with
-where to get the data and how to point `data.root` at it.
+listed image and label present and decodable to the last byte (a truncated JPEG
+fails here, not an epoch into training), labels palette/grey PNGs of the image's
+size holding only class indices or void. The samples are decoded in parallel
+(threads: PIL decodes and hashlib hashes without the GIL) behind a progress bar.
+All problems are reported together, with where to get the data and how to point
+`data.root` at it.
+
+The workflow reruns the check whenever `check_fingerprint` changes: the split
+lists' contents plus the size and mtime of every listed image and label, so an
+image or label edited after a passing check is checked again. The report also
+records the sha256 of every split's files (`files_sha256`).
 
 Torch-free on purpose: the Snakefile imports `dataset_key` at parse time and
 the check job starts in a second. The workflow glue below takes the plain
@@ -17,8 +25,13 @@ the check job starts in a second. The workflow glue below takes the plain
 from __future__ import annotations
 
 import hashlib
+import io
+import os
 import re
+import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -110,13 +123,47 @@ def check_settings(data: dict) -> dict:
 
 
 def lists_fingerprint(data: dict) -> str:
-    """Content hash of an existing folder's split lists: an edited list re-runs the check.
+    """What rule check_data's `lists` param tracks: check_fingerprint (an edited list or file re-runs the check)."""
+    return check_fingerprint(data)
 
-    A converted COCO folder is tracked through its manifest instead (its lists
-    appear only after prepare_coco, which must not look like an edit). Contents,
-    not mtimes: re-extracting the same archive must not retrain everything.
+
+def check_fingerprint(data: dict) -> str:
+    """The split lists' contents and every listed file's size and mtime, hashed (cheap enough for DAG time).
+
+    An edited list, image or label changes it, so the workflow checks the folder
+    again (and retrains on the edited data). Lists by content: a touched list is the
+    same list. Files by size and mtime: reading 2 GB at every planning is too slow,
+    and re-extracting the same archive restores the same mtimes (tar keeps them).
+    A converted COCO folder is tracked through its manifest instead (its files
+    appear only after prepare_coco, which must not look like an edit).
     """
-    return split_lists_digest(data["root"]) if data["kind"] == "folder" else "prepared by prepare_coco"
+    if data["kind"] != "folder":
+        return "prepared by prepare_coco"
+    return hashlib.sha256(f"{split_lists_digest(data['root'])};"
+                          f"{files_digest(data['root'], data['image_ext'])}".encode()).hexdigest()
+
+
+def sample_paths(root: Path, uid: str, image_ext: str) -> tuple[Path, Path]:
+    """The image and label of one listed id (the loader's layout)."""
+    return root / "JPEGImages" / f"{uid}{image_ext}", root / "SegmentationClass" / f"{uid}.png"
+
+
+def files_digest(root: str | Path, image_ext: str, splits=SPLITS) -> str:
+    """One hash over (path, size, mtime_ns) of every image and label the split lists name ('missing' included)."""
+    root = Path(root)
+    digest = hashlib.sha256()
+    for split in splits:
+        path = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        if not path.is_file():
+            continue
+        for uid in read_ids(path):
+            for file in sample_paths(root, uid, image_ext):
+                try:
+                    stat = file.stat()
+                    digest.update(f"{split}/{file.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+                except OSError:
+                    digest.update(f"{split}/{file.name}:missing\n".encode())
+    return digest.hexdigest()
 
 
 def sha256_file(path: str | Path) -> str:
@@ -153,35 +200,68 @@ def _examples(items: list, total: int | None = None) -> str:
     return shown + (f" (and {total - MAX_EXAMPLES} more)" if total > MAX_EXAMPLES else "")
 
 
-def _check_pair(image_path: Path, label_path: Path, num_classes: int | None, ignore_index: int,
-                histogram: np.ndarray) -> str | None:
-    """One listed sample: label mode, sizes, label values. Adds the label's pixels to `histogram`."""
+DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def check_workers() -> int:
+    """Threads for decoding: the CPUs this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclass
+class SampleResult:
+    error: str | None = None
+    counts: np.ndarray | None = None  # label pixels per value 0..255
+    image_sha256: str = ""
+    label_sha256: str = ""
+
+
+def _decode(path: Path) -> tuple[Image.Image, str]:
+    """The file decoded to its last pixel (PIL's load(), not only the header), and its sha256."""
+    data = path.read_bytes()
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img, hashlib.sha256(data).hexdigest()
+
+
+def _check_pair(image_path: Path, label_path: Path, num_classes: int | None, ignore_index: int) -> SampleResult:
+    """One listed sample: both files decode completely, label mode, sizes, label values."""
+    result = SampleResult()
     try:
-        with Image.open(image_path) as img:
-            image_size = img.size  # header only: JPEG pixels are not decoded
-        with Image.open(label_path) as lab:
-            if lab.mode not in ("P", "L"):
-                return (f"{label_path} has mode {lab.mode}; labels must be palette (P) or grey (L) PNGs of "
+        image, result.image_sha256 = _decode(image_path)
+    except DECODE_ERRORS as exc:
+        result.error = f"cannot decode image {image_path}: {exc}"
+        return result
+    try:
+        label, result.label_sha256 = _decode(label_path)
+    except DECODE_ERRORS as exc:
+        result.error = f"cannot decode label {label_path}: {exc}"
+        return result
+    if label.mode not in ("P", "L"):
+        result.error = (f"{label_path} has mode {label.mode}; labels must be palette (P) or grey (L) PNGs of "
                         f"class indices (a colour-rendered mask is not a label map)")
-            if lab.size != image_size:
-                return (f"{label_path} is {lab.size[0]}x{lab.size[1]} but {image_path} is "
-                        f"{image_size[0]}x{image_size[1]}")
-            counts = np.asarray(lab.histogram()[:256], dtype=np.int64)
-    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
-        return f"cannot read {label_path} or {image_path}: {exc}"
-    histogram += counts
-    if num_classes is not None:
-        bad = [int(v) for v in np.flatnonzero(counts) if v >= num_classes and v != ignore_index]
-        if bad:
-            return (f"{label_path} holds label values {bad[:5]} outside 0..{num_classes - 1} "
-                    f"and void {ignore_index}")
-    return None
+    elif label.size != image.size:
+        result.error = (f"{label_path} is {label.size[0]}x{label.size[1]} but {image_path} is "
+                        f"{image.size[0]}x{image.size[1]}")
+    else:
+        result.counts = np.asarray(label.histogram()[:256], dtype=np.int64)
+        if num_classes is not None:
+            bad = [int(v) for v in np.flatnonzero(result.counts) if v >= num_classes and v != ignore_index]
+            if bad:
+                result.error = (f"{label_path} holds label values {bad[:5]} outside 0..{num_classes - 1} "
+                                f"and void {ignore_index}")
+    return result
 
 
 def check_dataset(root: str | Path, *, kind: str = "folder", expected_counts: dict | None = None,
                   split_sha256: dict | None = None, class_names: list[str] | None = None,
-                  image_ext: str = ".jpg", ignore_index: int = 255, splits=SPLITS) -> dict:
-    """Check the folder; return the report (counts, sha256, class pixels) or raise DataCheckError."""
+                  image_ext: str = ".jpg", ignore_index: int = 255, splits=SPLITS,
+                  workers: int | None = None, progress: bool = False) -> dict:
+    """Check the folder; return the report (counts, sha256, class pixels) or raise DataCheckError.
+
+    Every listed image and label is decoded completely, by `workers` threads (default:
+    one per CPU), with a progress bar on stderr when `progress` is set.
+    """
     root = Path(root)
     expected_counts = expected_counts or {}
     split_sha256 = split_sha256 or {}
@@ -189,7 +269,8 @@ def check_dataset(root: str | Path, *, kind: str = "folder", expected_counts: di
         _fail(root, kind, [f"data.root does not exist or is not a folder: {root}"])
     problems: list[str] = []
     num_classes = class_count(root, class_names)
-    report: dict = {"root": str(root), "kind": kind, "num_classes": num_classes, "splits": {}}
+    report: dict = {"root": str(root), "kind": kind, "num_classes": num_classes, "ignore_index": ignore_index,
+                    "files_fingerprint": files_digest(root, image_ext, splits), "splits": {}}
     ids_of: dict[str, list[str]] = {}
     for split in splits:
         path = root / "ImageSets" / "Segmentation" / f"{split}.txt"
@@ -221,26 +302,39 @@ def check_dataset(root: str | Path, *, kind: str = "folder", expected_counts: di
             if shared:
                 problems.append(f"{len(shared)} id(s) are listed in both {first}.txt and {second}.txt "
                                 f"(evaluation images leak into training): {_examples(shared)}")
+    from tqdm import tqdm  # here, not at the top: the Snakefile imports this module at parse time
+
+    workers = workers or check_workers()
     for split, ids in ids_of.items():
         missing: list[Path] = []
         bad: list[str] = []
         histogram = np.zeros(256, dtype=np.int64)
+        present: list[tuple[str, Path, Path]] = []
         for uid in dict.fromkeys(ids):
-            image_path = root / "JPEGImages" / f"{uid}{image_ext}"
-            label_path = root / "SegmentationClass" / f"{uid}.png"
+            image_path, label_path = sample_paths(root, uid, image_ext)
             absent = [p for p in (image_path, label_path) if not p.is_file()]
             if absent:
                 missing += absent
-                continue
-            error = _check_pair(image_path, label_path, num_classes, ignore_index, histogram)
-            if error:
-                bad.append(error)
+            else:
+                present.append((uid, image_path, label_path))
+        files_sha = hashlib.sha256()
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = pool.map(lambda s: _check_pair(s[1], s[2], num_classes, ignore_index), present)
+            bar = tqdm(results, total=len(present), desc=f"decoding {split} ({workers} threads)", unit="sample",
+                       disable=not progress, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+            for result, (uid, _, _) in zip(bar, present, strict=True):  # the bar first: it counts the last one
+                if result.error:
+                    bad.append(result.error)
+                if result.counts is not None:
+                    histogram += result.counts
+                files_sha.update(f"{uid}:{result.image_sha256}:{result.label_sha256}\n".encode())
         if missing:
             problems.append(f"{len(missing)} file(s) listed in {split}.txt are missing: {_examples(missing)}")
         if bad:
             problems.append(f"{len(bad)} unusable sample(s) in {split}.txt: " + "; ".join(bad[:MAX_EXAMPLES])
                             + (f" (and {len(bad) - MAX_EXAMPLES} more)" if len(bad) > MAX_EXAMPLES else ""))
         report["splits"][split]["label_pixels"] = {str(v): int(histogram[v]) for v in np.flatnonzero(histogram)}
+        report["splits"][split]["files_sha256"] = files_sha.hexdigest()
     if problems:
         _fail(root, kind, problems)
     report["ok"] = True
@@ -254,8 +348,8 @@ def _fail(root: Path, kind: str, problems: list[str]) -> None:
     raise DataCheckError("\n".join(lines))
 
 
-def check_data_section(data: DataSettings) -> dict:
+def check_data_section(data: DataSettings, *, progress: bool = False) -> dict:
     """check_dataset with the settings of a run's `data` section."""
     return check_dataset(data.root, kind=data.kind, expected_counts=data.expected_counts,
                          split_sha256=data.split_sha256, class_names=data.class_names, image_ext=data.image_ext,
-                         ignore_index=data.ignore_index)
+                         ignore_index=data.ignore_index, progress=progress)

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ttdl.core import io
-from ttdl.core.data import SegmentationFolder, read_class_names
+from ttdl.core import io, provenance
+from ttdl.core.data import read_class_names, split_of
 from ttdl.core.metrics import evaluate
 from ttdl.core.models import build_model
 from ttdl.core.runtime import autocast_dtype, pick_device, progress_bar
@@ -69,10 +69,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def build_datasets(data: DataSettings, train: TrainSettings):
-    common = dict(resize=data.resize, crop=data.crop, image_ext=data.image_ext)
-    train_set = SegmentationFolder(data.root, "train", hflip=train.hflip, seed=train.seed, **common)
-    val_set = SegmentationFolder(data.root, "val", **common)
-    return train_set, val_set
+    return split_of(data, "train", train), split_of(data, "val")
 
 
 @dataclass
@@ -123,8 +120,12 @@ class Trainer:
             run, class_names=self.class_names, ignore_index=self.ignore_index, device=self.device,
             bottleneck_channels=self.model.bottleneck_channels, support_dataset=self.train_set,
             cache_path=cache_path, encoder_path=encoder_path, concat_path=concat_path)
+        self.provenance = provenance.for_checkpoint(run.data, self.class_names)
         if init_weights:
-            self.objective.carry_over_head(io.load_torch(init_weights).get("aux_head"), init_weights, log)
+            init = io.load_torch(init_weights)
+            provenance.check(self.provenance, init.get("provenance"), init_weights, "checkpoint",
+                             "start this run from a checkpoint of the same dataset and classes (or rerun its init run)")
+            self.objective.carry_over_head(init.get("aux_head"), init_weights, log)
 
         params = list(self.model.parameters()) + [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -157,16 +158,46 @@ class Trainer:
         return state
 
     def save_state(self) -> None:
-        io.save_torch(self.state_path, self.state_dict())
+        # the state this save replaces stays as last.prev.pt, try_resume's fallback
+        io.save_torch(self.state_path, self.state_dict(), keep_previous=self.state_path.with_name("last.prev.pt"))
 
     def try_resume(self) -> bool:
+        """Continue from state/last.pt, or from state/last.prev.pt (one save earlier) if last.pt is unreadable.
+
+        An unreadable last.pt is moved aside to last.pt.corrupt, so that the next save cannot
+        rotate it into last.prev.pt. With no readable state left, the error names the files
+        to delete. (The data order is a function of (seed, epoch), so resuming one save
+        earlier ends in the same weights.)
+        """
+        previous = self.state_path.with_name("last.prev.pt")
         if not self.state_path.exists():
             return False
-        state = io.load_torch(self.state_path)
+        tried: list[io.CheckpointError] = []
+        for path in (self.state_path, previous):
+            if not path.exists():
+                continue
+            try:
+                state = io.load_torch(path)
+                break
+            except io.CheckpointError as exc:
+                tried.append(exc)
+        else:
+            files = " and ".join(str(exc.path) for exc in tried)
+            raise io.CheckpointError(
+                f"[{self.run.run_id}] cannot resume: " + "; ".join(f"{exc.path}: {exc.reason}" for exc in tried)
+                + f". Delete {files} and rerun to start this run over from its first epoch (its progress is lost).",
+                self.state_path, tried[0].reason)
+        if tried:
+            aside = self.state_path.with_name("last.pt.corrupt")
+            self.state_path.replace(aside)
+            self.log(f"WARNING: [{self.run.run_id}] {self.state_path} is unreadable ({tried[0].reason}); "
+                     f"resuming from {path}, saved one checkpoint earlier. The unreadable file was moved "
+                     f"to {aside}; delete it once you no longer need it.")
         if state.get("version") != STATE_VERSION or state.get("run_id") != self.run.run_id:
-            raise RuntimeError(f"{self.state_path} belongs to another run or format; delete it to start over")
+            raise RuntimeError(f"{path} belongs to another run or format; delete {self.state_path} and {previous} "
+                               f"to start over")
         if state.get("fingerprint") != self.fingerprint:
-            self.log(f"{self.state_path} was saved with other settings or inputs; starting this run over")
+            self.log(f"{path} was saved with other settings or inputs; starting this run over")
             return False
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -180,7 +211,7 @@ class Trainer:
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"])
         self.objective.load_state_dict_full(state["objective"])
-        self.log(f"resumed {self.run.run_id} from {self.state_path}: epoch {self.epoch}, "
+        self.log(f"resumed {self.run.run_id} from {path}: epoch {self.epoch}, "
                  f"step {self.step} ({self.step_in_epoch} into the epoch)")
         return True
 
@@ -214,13 +245,24 @@ class Trainer:
         scaler skips inf steps by design, so only the loss is checked there.)
         """
         bad_grad = not math.isfinite(grad_norm) and not self.scaler.is_enabled()
-        bad_loss = [k for k, v in logs.items() if isinstance(v, float) and not math.isfinite(v)]
+        parts = {k: logs[k] for k in ("ce", "aux", "loss") if k in logs}
+        bad_loss = [k for k, v in parts.items() if not math.isfinite(v)]
         if bad_grad or bad_loss:
-            parts = ", ".join(f"{k}={v:.4g}" for k, v in logs.items() if isinstance(v, float))
+            parts = ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
             raise FloatingPointError(
                 f"[{self.run.run_id}] step {self.step + 1} (epoch {self.epoch + 1}): non-finite "
                 f"{'loss' if bad_loss else 'gradient'} ({parts}, gradient norm {grad_norm:.4g}); stopped before the "
                 f"update. Nothing was published from this step. Check objective.lambda, train.lr and the inputs.")
+
+    @torch.no_grad()
+    def predict_masks(self, images: torch.Tensor) -> torch.Tensor:
+        """What the current weights predict for `images` in train mode; BatchNorm running stats stay as they were."""
+        buffers = [b.clone() for b in self.model.buffers()]
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits, _ = self.model(images.to(self.device))
+        for buffer, saved in zip(self.model.buffers(), buffers):
+            buffer.copy_(saved)
+        return logits.argmax(1)
 
     # -- data --
     def epoch_loader(self, epoch: int, skip: int = 0) -> DataLoader:
@@ -247,6 +289,9 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter
 
         self.out.mkdir(parents=True, exist_ok=True)
+        for folder in (self.out, self.state_path.parent, self.out / "cache"):  # this job's own folders only
+            for stale in io.sweep_stale_temp(folder):  # left by a write this job's last attempt did not finish
+                self.log(f"removed {stale}, the temp file of an interrupted write")
         self.try_resume()
         writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step or None)
         try:
@@ -266,7 +311,11 @@ class Trainer:
             self.objective.start_epoch(self.epoch)
         bar = self.bar(loader, total=len(loader),
                        desc=f"{self.run.run_id} epoch {self.epoch + 1}/{self.train_cfg.epochs}")
-        for batch in bar:
+        batches = iter(bar)
+        upcoming = next(batches, None)
+        while upcoming is not None:
+            batch, upcoming = upcoming, next(batches, None)
+            self.objective.before_step(upcoming, self.predict_masks)  # lookahead describes `upcoming` now
             logs = self.train_step(batch)
             self.step += 1
             self.step_in_epoch += 1
@@ -295,7 +344,7 @@ class Trainer:
         row |= {f"train_{k}": v / max(self.epoch_count, 1) for k, v in self.epoch_sums.items() if k != "lr"}
         row |= {"lr": self.scheduler.get_last_lr()[0], "val_miou": metrics["miou"],
                 "val_pixel_acc": metrics["pixel_acc"], "wall_time_s": round(self.wall_time, 2)}
-        row |= self.objective.epoch_logs() | metrics["text"]
+        row |= self.objective.end_epoch() | metrics["text"]
         self.history.rows.append(row)
         for key in ("val_miou", "val_pixel_acc"):
             writer.add_scalar(f"val/{key[4:]}", row[key], self.epoch + 1)
@@ -306,6 +355,7 @@ class Trainer:
         if metrics["miou"] > self.best_miou:
             self.best_miou, self.best_epoch = metrics["miou"], self.epoch
             io.save_torch(self.best_path, {"model": self.model.state_dict(), "epoch": self.epoch,
+                                           "provenance": self.provenance,
                                            "aux_head": self.objective.aux_head_state(),
                                            "val": {k: metrics[k] for k in ("miou", "pixel_acc", "per_class_iou")}})
         target = self.train_cfg.target_miou
@@ -320,7 +370,8 @@ class Trainer:
         io.save_torch(self.out / "weights.pth", {"model": best["model"], "epoch": best["epoch"],
                                                   "aux_head": best["aux_head"], "run_id": self.run.run_id,
                                                   "class_names": self.class_names,
-                                                  "model_name": self.run.model.name})
+                                                  "model_name": self.run.model.name,
+                                                  "provenance": best["provenance"]})
         self.history.write_csv(self.out / "metrics.csv")
         target = self.train_cfg.target_miou
         summary = {

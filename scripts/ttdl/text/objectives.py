@@ -12,8 +12,7 @@ loss head (ttdl.text.heads).
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,19 @@ from ttdl.text.cache import MaskTextCache, cache_from_settings
 from ttdl.text.describers import describer_for_run
 from ttdl.text.encoders import build_encoder
 from ttdl.text.heads import HEADS, HeadContext
-from ttdl.text.synthetic_text import synthetic_descriptions
-from ttdl.text.textbatch import TextBatch, build_text_batch
+from ttdl.text.text_sources import (
+    SCHEDULES,
+    ClassNameTexts,
+    Counters,
+    DescriberTexts,
+    SyntheticTexts,
+    TextItems,
+    shuffle_texts,
+)
+from ttdl.text.textbatch import build_text_batch
+
+__all__ = ["SCHEDULES", "CrossEntropyOnly", "StepTensors", "TextItems", "TextObjective", "UnusableAnswersError",
+           "build_objective", "shuffle_texts"]
 
 
 @dataclass
@@ -46,11 +56,18 @@ class StepTensors:
     ce: Tensor
 
 
+class UnusableAnswersError(RuntimeError):
+    """Too few describer answers were usable: the run would train on (almost) no text."""
+
+
 class CrossEntropyOnly(nn.Module):
     """The null objective of CE-only runs: the loss is CE, and there is nothing else to keep."""
 
     def forward(self, step: StepTensors) -> tuple[Tensor, dict]:
         return step.ce, {}
+
+    def before_step(self, next_batch: dict | None, predict) -> None:
+        return None
 
     def carry_over_head(self, head_state: dict | None, source: str, log) -> None:
         return None
@@ -61,7 +78,7 @@ class CrossEntropyOnly(nn.Module):
     def start_epoch(self, epoch: int) -> None:
         return None
 
-    def epoch_logs(self) -> dict:
+    def end_epoch(self) -> dict:
         return {}
 
     def validation_logs(self, model, loader, device, amp_dtype) -> dict:
@@ -83,107 +100,6 @@ class CrossEntropyOnly(nn.Module):
         return None
 
 
-@dataclass
-class TextItems:
-    """The texts of one step: pair positions with their text; `fresh` marks describer output."""
-
-    positions: list[int] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-    fresh: list[bool] = field(default_factory=list)
-
-
-@dataclass
-class Counters:
-    """The one count of describer traffic and text use (per epoch and per run; saved with the state)."""
-
-    pairs: int = 0
-    calls: int = 0
-    reused: int = 0
-    malformed: int = 0
-    latency_s: float = 0.0
-    texts: int = 0
-
-    def add(self, other: "Counters") -> None:
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
-    def as_logs(self, prefix: str = "") -> dict:
-        hit = 1.0 - self.calls / self.pairs if self.pairs else 0.0
-        return {f"{prefix}describer_calls": self.calls, f"{prefix}cache_hit_rate": round(hit, 4),
-                f"{prefix}malformed": self.malformed, f"{prefix}texts": self.texts,
-                f"{prefix}describer_latency_s": round(self.latency_s, 3)}
-
-
-# ---- text sources --------------------------------------------------------------------
-
-class DescriberTexts:
-    """Texts from the describer, through the mask-text cache (docs/method.md §4)."""
-
-    def __init__(self, describer, cache: MaskTextCache, class_names: list[str]):
-        self.describer, self.cache, self.class_names = describer, cache, class_names
-
-    def __call__(self, tb: TextBatch, counters: Counters) -> TextItems:
-        masks = tb.pr_masks()
-        plan = self.cache.plan(tb.keys, masks)
-        items = TextItems()
-        if plan.describe:
-            started = time.monotonic()
-            answers = self.describer.describe(tb.requests(plan.describe, self.class_names))
-            counters.latency_s += time.monotonic() - started
-            self.cache.update([tb.keys[p] for p in plan.describe], masks[plan.describe], answers)
-            for position, text in zip(plan.describe, answers):
-                if text is None:
-                    counters.malformed += 1  # counted and skipped, never trained on
-                    continue
-                items.positions.append(position)
-                items.texts.append(text)
-                items.fresh.append(True)
-        for position in plan.reuse:
-            items.positions.append(position)
-            items.texts.append(self.cache.text(tb.keys[position]))
-            items.fresh.append(False)
-        counters.calls += len(plan.describe)
-        counters.reused += len(plan.reuse)
-        return items
-
-
-class SyntheticTexts:
-    """Template text from which of TP/TN/FP/FN exist (3.1 phase 2); no describer calls."""
-
-    def __init__(self, class_names: list[str], ignore_index: int):
-        self.class_names, self.ignore_index = class_names, ignore_index
-
-    def __call__(self, tb: TextBatch, counters: Counters) -> TextItems:
-        pairs = list(zip(tb.rows, tb.classes))
-        texts = synthetic_descriptions(tb.gt, tb.pr, pairs, self.class_names, self.ignore_index)
-        return TextItems(list(range(len(pairs))), texts, [True] * len(pairs))
-
-
-class ClassNameTexts:
-    """Control: a text that names the class and diagnoses nothing."""
-
-    TEMPLATE = "a photo region of {name}"
-
-    def __init__(self, class_names: list[str]):
-        self.class_names = class_names
-
-    def __call__(self, tb: TextBatch, counters: Counters) -> TextItems:
-        texts = [self.TEMPLATE.format(name=self.class_names[c]) for c in tb.classes]
-        return TextItems(list(range(len(texts))), texts, [True] * len(texts))
-
-
-def shuffle_texts(items: TextItems, generator: torch.Generator) -> TextItems:
-    """Control: each text moves to a random other pair of the step (a cyclic shift of a random order)."""
-    n = len(items.texts)
-    if n < 2:
-        return items
-    order = torch.randperm(n, generator=generator).tolist()
-    moved = list(items.texts)
-    for i in range(n):
-        moved[order[i]] = items.texts[order[(i + 1) % n]]
-    return TextItems(items.positions, moved, items.fresh)
-
-
 # ---- the text objective ---------------------------------------------------------------
 
 class TextObjective(nn.Module):
@@ -192,7 +108,8 @@ class TextObjective(nn.Module):
     def __init__(self, run: RunSettings, head: nn.Module, source, encoder, cache: MaskTextCache | None,
                  describer, num_classes: int, ignore_index: int, val_source=None, val_cache=None):
         super().__init__()
-        self.cfg, self.head = run.objective, head
+        self.run_id, self.cfg, self.head = run.run_id, run.objective, head
+        self.min_usable_share, self.min_answers = run.describer.min_usable_share, run.describer.min_answers_to_judge
         self.source, self.val_source, self.val_cache = source, val_source or source, val_cache
         self.encoder, self.cache, self.describer = [encoder], cache, describer  # encoder: frozen, not saved
         self.num_classes, self.ignore_index = num_classes, ignore_index
@@ -219,11 +136,23 @@ class TextObjective(nn.Module):
         aux = self.head(tb=tb, items=items, emb=emb, bottleneck=bottleneck, pixel_ce=pixel_ce, valid=valid)
         return aux, step
 
+    def before_step(self, next_batch: dict | None, predict) -> None:
+        """lookahead: send the describer requests of the batch after this one (its masks from `predict`)."""
+        if next_batch is None or not isinstance(self.source, DescriberTexts) or self.source.schedule != "lookahead":
+            return
+        images, masks = next_batch["image"], next_batch["mask"]
+        tb = build_text_batch(list(next_batch["uid"]), images, masks, predict(images), size=self.describer_size,
+                              num_classes=self.num_classes, ignore_index=self.ignore_index,
+                              include_predicted=self.cfg.include_predicted_classes)
+        self.source.prefetch(tb)
+
     def forward(self, s: StepTensors) -> tuple[Tensor, dict]:
         aux, step = self._aux(s.batch["uid"], s.images, s.masks, s.logits, s.bottleneck, s.pixel_ce, s.valid,
                               self.source, self.cfg.shuffle_texts)
         self.epoch_counters.add(step)
         self.total.add(step)
+        if self.epoch_counters.calls >= self.min_answers:
+            self.check_answers()
         loss = mix_losses(s.ce, aux, self.cfg.lambda_, self.cfg.mix)
         logs = {"aux": aux.item(), "aux_ce_ratio": aux.item() / max(s.ce.item(), 1e-12)}
         return loss, logs | {f"text/{key}": value for key, value in step.as_logs().items()}
@@ -245,7 +174,20 @@ class TextObjective(nn.Module):
     def start_epoch(self, epoch: int) -> None:
         self.epoch_counters = Counters()
 
-    def epoch_logs(self) -> dict:
+    def check_answers(self) -> None:
+        """Stop a text run whose describer answers are mostly unusable: it would be neither a text run nor CE."""
+        counters = self.epoch_counters
+        if counters.calls and counters.usable_share < self.min_usable_share:
+            raise UnusableAnswersError(
+                f"[{self.run_id}] only {counters.calls - counters.malformed} of {counters.calls} describer answers "
+                f"this epoch were usable ({counters.usable_share:.0%} < describer.min_usable_share "
+                f"{self.min_usable_share:.0%}): the server answers empty, garbled or non-text replies. Check the "
+                "describer's model and server (its log lines name them) and the prompt template; set "
+                "describer.min_usable_share: 0 to train on whatever arrives.")
+
+    def end_epoch(self) -> dict:
+        """The epoch's text logs; raises UnusableAnswersError if too few of its answers were usable."""
+        self.check_answers()
         logs = self.epoch_counters.as_logs()
         return logs if self.cache is not None else {k: v for k, v in logs.items() if k != "cache_hit_rate"}
 
@@ -279,6 +221,8 @@ class TextObjective(nn.Module):
         logs = self.total.as_logs()
         if self.cache is None:  # synthetic or class-name text: no describer, no cache to hit
             logs["cache_hit_rate"] = None
+        if self.cache is not None:
+            logs |= self.total.answer_stats()
         return logs | {"objective": self.cfg.name, "text_source": self.cfg.text,
                        "describer": self.describer.__class__.__name__ if self.describer else None}
 
@@ -290,7 +234,8 @@ class TextObjective(nn.Module):
         return {"head": self.head.state_dict(), "total": plain(self.total), "epoch": plain(self.epoch_counters),
                 "shuffle_rng": self.shuffle_generator.get_state(),
                 "cache": self.cache.state_dict() if self.cache is not None else None,
-                "val_cache": self.val_cache.state_dict() if self.val_cache is not None else None}
+                "val_cache": self.val_cache.state_dict() if self.val_cache is not None else None,
+                "source": self.source.state_dict() if isinstance(self.source, DescriberTexts) else None}
 
     def load_state_dict_full(self, state: dict) -> None:
         self.head.load_state_dict(state["head"])
@@ -301,12 +246,16 @@ class TextObjective(nn.Module):
             self.cache.load_state_dict(state["cache"], source="training state")
         if self.val_cache is not None and state.get("val_cache") is not None:
             self.val_cache.load_state_dict(state["val_cache"], source="training state")
+        if isinstance(self.source, DescriberTexts) and state.get("source") is not None:
+            self.source.load_state_dict(state["source"])
 
     def save_outputs(self, out_dir: Path) -> None:
         if self.cache is not None:
             self.cache.save(Path(out_dir) / "cache" / "cache.pt")
 
     def close(self) -> None:
+        if isinstance(self.source, DescriberTexts):
+            self.source.close()
         if self.describer is not None:
             self.describer.close()
 
@@ -330,10 +279,11 @@ def build_objective(run: RunSettings, *, class_names: list[str], ignore_index: i
         if cache_path:
             cache.load_state_dict(load_torch(cache_path), source=cache_path)
         describer = describer_for_run(run.describer, class_names, support_dataset)
-        source = DescriberTexts(describer, cache, class_names)
+        source = DescriberTexts(describer, cache, class_names, run.describer.schedule,
+                                run.describer.max_staleness_steps)
         if cfg.contrastive_validation:
             val_cache = cache_from_settings(run.cache)
-            val_source = DescriberTexts(describer, val_cache, class_names)
+            val_source = DescriberTexts(describer, val_cache, class_names)  # validation: always sync
     elif cfg.text == "class_name":
         source = ClassNameTexts(class_names)
     else:
