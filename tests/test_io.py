@@ -273,3 +273,19 @@ def test_a_job_writer_removes_the_stale_temp_files_of_its_own_target(tmp_path):
     assert not stale.exists()  # this target's leftover is gone
     assert other.exists()  # another target's temp file may belong to a job still writing it
     assert json.loads((tmp_path / "eval.json").read_text()) == {"miou": 0.5}
+
+
+def test_equal_objects_give_equal_checkpoint_bytes(tmp_path):
+    """Fingerprints hash init and cache files: a checkpoint's bytes must not depend on its temp name."""
+    obj = {"w": torch.arange(6.0).reshape(2, 3), "epoch": 3}
+    save_torch(tmp_path / "a.pt", obj)
+    save_torch(tmp_path / "b.pt", obj)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+
+
+def test_rerunning_a_finished_run_leaves_its_states_alone(tiny_run, tmp_path):
+    out = tmp_path / "out"
+    Trainer(tiny_run(), out, log=lambda *_: None).fit()
+    before = {name: (out / "state" / name).read_bytes() for name in ("last.pt", "last.prev.pt")}
+    Trainer(tiny_run(), out, log=lambda *_: None).fit()
+    assert {name: (out / "state" / name).read_bytes() for name in before} == before

@@ -150,7 +150,8 @@ def save_torch(path: str | os.PathLike, obj: Any, keep_previous: str | os.PathLi
     import torch
 
     with atomic_path(path, keep_previous=keep_previous, sweep_stale=True) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as handle:  # a file object: torch names the archive "archive", not after the temp
+            torch.save(obj, handle)      # file, so equal objects give equal bytes (fingerprints hash them)
 
 
 DEFAULT_REMEDY = ("delete it and rerun the workflow (`make all`, or `.venv/bin/snakemake --cores 1 <target>`); "

@@ -297,8 +297,9 @@ class Trainer:
         try:
             while not self.done and self.epoch < self.train_cfg.epochs:
                 self.run_epoch(writer)
-            self.done = True
-            self.save_state()
+            if not self.done:  # a rerun of a finished run keeps its states as they are (last.prev.pt included)
+                self.done = True
+                self.save_state()
         finally:
             writer.close()
         return self.finish()
