@@ -1,4 +1,4 @@
-"""Mask-text cache: IoU, percentile policy (seed vs ours), reuse, persistence."""
+"""Mask-text cache: IoU, percentile and budget policies (seed vs ours), the call budget, reuse, persistence."""
 from __future__ import annotations
 
 import pytest
@@ -6,6 +6,8 @@ import torch
 
 from ttdl.core.settings import CacheSettings
 from ttdl.text.cache import (
+    NEVER,
+    BudgetPolicy,
     MaskTextCache,
     PercentilePolicy,
     batch_iou,
@@ -261,3 +263,192 @@ def test_cache_from_settings_modes_and_overrides() -> None:
     )
     with pytest.raises(ValueError, match="mode"):
         cache_from_config({"mode": "fancy"})
+
+
+# ---- budget policy ---------------------------------------------------------
+def budget(**over) -> MaskTextCache:
+    return cache_from_config({"policy": "budget", **over})
+
+
+def test_budget_policy_select_threshold_and_age() -> None:
+    iou = torch.tensor([0.0, 0.5, 0.79, 0.8, 1.0, 1.0])
+    age = torch.tensor([NEVER, 0, 0, 5, 2, 3])
+    assert BudgetPolicy(0.8).select(iou, age).tolist() == [True, True, True, False, False, False]
+    assert BudgetPolicy(0.8, max_age_epochs=3).select(iou, age).tolist() == [True, True, True, True, False, True]
+    assert BudgetPolicy(1.0).select(iou).tolist() == [True, True, True, True, False, False]
+    with pytest.raises(ValueError):
+        BudgetPolicy(0.0)
+    with pytest.raises(ValueError):
+        BudgetPolicy(0.8, max_age_epochs=0)
+
+
+def test_budget_plan_describes_moved_and_unseen_keys_only() -> None:
+    cache = budget(redescribe_below_iou=0.6)
+    keys = ["a-1", "b-1", "c-1", "d-1", "new-1"]
+    cache.update(keys[:4], stack(mask(0, 1), mask(2, 3), mask(4, 5), mask()), ["ta", "tb", "tc", "td"])
+    now = stack(mask(0, 1), mask(2), mask(6), mask(), mask(9))  # IoU 1, 0.5, 0, 1 (empty vs empty), unseen
+    plan = cache.plan(keys, now)
+    assert plan.describe == [1, 2, 4]
+    assert plan.reuse == [0, 3] and plan.skipped == [] and plan.deferred == []
+    assert plan.iou == pytest.approx([1.0, 0.5, 0.0, 1.0, 0.0]) and plan.age == [0, 0, 0, 0, NEVER]
+    assert plan.n_unseen == 1
+    # percentile mode flags still apply: the original's empty-vs-empty re-describes the empty key
+    original = budget(mode="original", redescribe_below_iou=0.6)
+    original.update(keys[:4], stack(mask(0, 1), mask(2, 3), mask(4, 5), mask()), ["ta", "tb", "tc", "td"])
+    assert original.plan(keys, now).describe == [1, 2, 3, 4]
+
+
+def test_budget_text_age_in_epochs() -> None:
+    cache = budget(max_text_age_epochs=2)
+    keys = ["a-1", "b-1"]
+    masks = stack(mask(0), mask(1))
+    cache.update(keys, masks, ["ta", "tb"])  # described in epoch 0
+    assert cache.plan(keys, masks, epoch=1).describe == []
+    plan = cache.plan(keys, masks, epoch=2)  # two epochs old: described again
+    assert plan.describe == [0, 1] and plan.age == [2, 2]
+    cache.update(keys, masks, ["ta2", "tb2"])
+    assert cache.stamp("a-1") == 2
+    assert cache.plan(keys, masks).describe == []  # epoch None: stays in epoch 2
+    assert cache.plan(keys, masks, epoch=3).describe == []
+    # a key recorded by the prefill (no text) ages from its recording
+    fresh = budget(max_text_age_epochs=1)
+    fresh.record_masks(["p-1"], stack(mask(3)))
+    assert fresh.plan(["p-1"], stack(mask(3))).describe == []
+    assert fresh.plan(["p-1"], stack(mask(3)), epoch=1).describe == [0]
+
+
+def test_budget_spends_on_the_most_moved_keys_first() -> None:
+    cache = budget(redescribe_below_iou=0.9, calls_per_epoch=2)
+    keys = [f"k{i}-1" for i in range(4)]
+    cache.update(keys, stack(mask(0, 1, 2, 3), mask(0, 1, 2, 3), mask(0, 1, 2, 3), mask(0, 1, 2, 3)), list("abcd"))
+    now = stack(mask(0, 1, 2), mask(0), mask(0, 1, 2, 3), mask(9))  # IoU .75, .25, 1, 0
+    plan = cache.plan(keys, now, epoch=1)
+    assert plan.describe == [1, 3] and plan.deferred == [0]
+    assert plan.reuse == [0, 2]  # deferred keys keep using their text
+    assert cache.budget_left() == 0
+    assert cache.plan(keys, now).describe == []  # same epoch: the budget is spent
+    # a new epoch, a new budget, paced: epoch 1 planned 8 keys, so this half of the epoch gets half of it
+    assert cache.plan(keys, now, epoch=2).describe == [3]
+    cache.update(["k3-1"], now[3:], ["d2"])
+    assert cache.plan(keys, now).describe == [1]
+
+
+def test_exclude_keys_are_neither_described_nor_charged() -> None:
+    cache = budget(calls_per_epoch=5)
+    keys = ["a-1", "b-1", "c-1"]
+    plan = cache.plan(keys, stack(mask(0), mask(1), mask(2)), exclude={"b-1"})
+    assert plan.describe == [0, 2] and plan.skipped == [1]
+    assert cache.epoch_calls == 2
+
+
+def _random_masks(gen: torch.Generator, k: int) -> torch.Tensor:
+    return torch.rand(k, 6, 6, generator=gen) > 0.5
+
+
+@pytest.mark.parametrize("policy", ["budget", "percentile"])
+@pytest.mark.parametrize("calls", [0, 1, 7, 40])
+def test_calls_per_epoch_is_never_exceeded(policy: str, calls: int, tmp_path) -> None:
+    """Random masks (most keys move every step), uneven batches, unseen keys, and a save/load mid-epoch."""
+    gen = torch.Generator().manual_seed(calls)
+    settings = {"policy": policy, "calls_per_epoch": calls, "redescribe_below_iou": 0.9, "max_text_age_epochs": 1}
+    cache = cache_from_config(settings)
+    universe = [f"img{i}-{c}" for i in range(30) for c in (1, 2)]
+    cache.record_masks(universe[:40], _random_masks(gen, 40))  # a partial prefill
+    for epoch in range(4):
+        spent = 0
+        order = torch.randperm(len(universe), generator=gen).tolist()
+        start = 0
+        while start < len(order):
+            size = int(torch.randint(1, 9, (1,), generator=gen))
+            keys = [universe[i] for i in order[start:start + size]]
+            start += size
+            masks = _random_masks(gen, len(keys))
+            plan = cache.plan(keys, masks, epoch=epoch)
+            spent += plan.n_describe
+            assert spent <= calls, (epoch, spent)
+            assert cache.epoch_calls == spent
+            described = [keys[i] for i in plan.describe]
+            cache.update(described, masks[plan.describe], [f"t{epoch}" for _ in described])
+            if start > len(order) // 2 and start - size <= len(order) // 2:  # a kill and resume mid-epoch
+                path = tmp_path / f"state{epoch}.pt"
+                torch.save(cache.state_dict(), path)
+                cache = cache_from_config(settings)
+                cache.load_state_dict(torch.load(path, weights_only=True))
+        if policy == "budget":  # the budget is used, not hoarded: every key moves, so every epoch spends it all
+            assert spent == calls
+
+
+def test_budget_is_paced_over_the_epoch() -> None:
+    """With the epoch's size known (a prefill), a plan may spend only its share of the budget so far."""
+    cache = budget(calls_per_epoch=10)
+    keys = [f"img{i}-1" for i in range(100)]
+    cache.record_masks(keys, torch.zeros(100, 4, 4, dtype=torch.bool))
+    moved = torch.ones(10, 4, 4, dtype=torch.bool)  # every key moved (IoU 0)
+    spent = []
+    for start in range(0, 100, 10):
+        plan = cache.plan(keys[start:start + 10], moved, epoch=1)
+        spent.append(plan.n_describe)
+    assert spent == [1] * 10
+
+
+def test_budget_state_round_trip_and_old_files(tmp_path) -> None:
+    cache = budget(calls_per_epoch=3, max_text_age_epochs=4)
+    cache.update(["a-1"], stack(mask(0)), ["ta"])
+    cache.plan(["b-1", "c-1"], stack(mask(1), mask(2)), epoch=2)
+    cache.update(["b-1"], stack(mask(1)), ["tb"])
+    path = tmp_path / "c.pt"
+    cache.save(path)
+    loaded = MaskTextCache.load(path)
+    assert isinstance(loaded.policy, BudgetPolicy) and loaded.policy.max_age_epochs == 4
+    assert loaded.calls_per_epoch == 3
+    assert (loaded.epoch, loaded.epoch_calls, loaded.epoch_pairs) == (2, 2, 2)
+    assert loaded.stamp("a-1") == 0 and loaded.stamp("b-1") == 2
+    # a file written before epoch stamps and counters existed still loads: everything stamped epoch 0
+    state = cache.state_dict()
+    del state["stamps"], state["epoch_state"]
+    old = budget()
+    old.load_state_dict(state)
+    assert old.stamp("b-1") == 0 and (old.epoch, old.epoch_calls) == (0, 0)
+
+
+def test_cache_from_settings_budget() -> None:
+    c = cache_from_config({"policy": "budget", "redescribe_below_iou": 0.7, "max_text_age_epochs": 3,
+                           "calls_per_epoch": 50})
+    assert isinstance(c.policy, BudgetPolicy)
+    assert (c.policy.below_iou, c.policy.max_age_epochs, c.calls_per_epoch) == (0.7, 3, 50)
+    default = cache_from_config({})
+    assert isinstance(default.policy, PercentilePolicy) and default.calls_per_epoch is None
+    with pytest.raises(ValueError):
+        cache_from_config({"policy": "budget", "redescribe_below_iou": 0})
+
+
+@pytest.mark.parametrize("policy", ["budget", "percentile"])
+@pytest.mark.parametrize("share", [0.0, 0.15, 0.5])
+def test_calls_per_pair_is_never_exceeded_at_any_step(policy: str, share: float, tmp_path) -> None:
+    gen = torch.Generator().manual_seed(int(share * 100))
+    settings = {"policy": policy, "calls_per_pair": share, "redescribe_below_iou": 0.9}
+    cache = cache_from_config(settings)
+    universe = [f"img{i}-{c}" for i in range(40) for c in (1, 2, 3)]
+    for epoch in range(3):
+        spent = planned = 0
+        for start in range(0, len(universe), 11):
+            keys = universe[start:start + 11]
+            masks = _random_masks(gen, len(keys))
+            plan = cache.plan(keys, masks, epoch=epoch)
+            spent, planned = spent + plan.n_describe, planned + len(keys)
+            assert spent <= share * planned + 1e-9, (epoch, spent, planned)
+            cache.update([keys[i] for i in plan.describe], masks[plan.describe], ["t"] * plan.n_describe)
+            if start == 55:  # a kill and resume mid-epoch keeps the epoch's count
+                torch.save(cache.state_dict(), tmp_path / "s.pt")
+                cache = cache_from_config(settings)
+                cache.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+        if policy == "budget":  # all keys move, so the cap is what binds, and it is spent
+            assert spent == int(share * planned + 1e-9)
+
+
+def test_both_caps_the_tighter_binds() -> None:
+    cache = budget(calls_per_pair=0.5, calls_per_epoch=3)
+    keys = [f"k{i}-1" for i in range(10)]
+    plan = cache.plan(keys, torch.ones(10, 4, 4, dtype=torch.bool))
+    assert plan.n_describe == 3 and plan.n_deferred == 7
+    assert cache.settings()["calls_per_pair"] == 0.5 and cache.settings()["calls_per_epoch"] == 3

@@ -1,6 +1,7 @@
 """HTTP describers against a local fake server speaking Ollama /api/chat and OpenAI /v1/chat/completions.
 
 `retries` counts re-tries: a failing request hits the server 1 + retries times.
+The throughput tests use the latency test server (keep-alive, counts connections).
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from PIL import Image
 
 from ttdl.core.settings import DescriberSettings
 from ttdl.text.describers import DescribeRequest, DescriberError, build_describer
+from ttdl.text.describers import base as base_module
 from ttdl.text.describers.prompt import DEFAULT_TEMPLATE
+from ttdl.text.describers.testserver import LatencyServer
 
 NAMES = ["background", "circle", "square"]
 SECRET = "sk-test-SECRET-value-123"
@@ -255,3 +258,100 @@ def test_config_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         build_describer(cfg("http://127.0.0.1:1", "openai", api_key_env="TTDL_UNSET_VAR"), NAMES)
     with pytest.raises(ValueError, match="base_url"):
         build_describer(DescriberSettings.from_partial({"backend": "ollama", "model": "m"}), NAMES)
+
+
+# ---- throughput: sessions, pools, images once, latency percentiles ---------------------------
+@pytest.mark.parametrize("backend", ["openai", "ollama"])
+def test_kept_alive_pool_sized_to_the_concurrency(backend: str) -> None:
+    """Many requests over a few steps open at most max_concurrency connections: each is reused."""
+    with LatencyServer(latency_s=0.05) as latency_server:
+        d = build_describer(cfg(latency_server.url, backend, max_concurrency=3), NAMES)
+        for _ in range(3):
+            assert all(d.describe(requests_(7)))
+        seen = latency_server.snapshot()
+        d.close()
+    assert seen["requests"] == 21
+    assert seen["max_in_flight"] == 3
+    assert seen["connections"] <= 3
+
+
+def test_one_session_per_endpoint() -> None:
+    with LatencyServer(latency_s=0.05) as a, LatencyServer(latency_s=0.05) as b:
+        d = build_describer(cfg(a.url, "openai", base_url=None, base_urls=[a.base_url, b.base_url],
+                                max_concurrency=4), NAMES)
+        assert set(d._sessions) == {a.base_url, b.base_url}
+        for _ in range(3):
+            assert all(d.describe(requests_(8)))
+        d.close()
+        seen_a, seen_b = a.snapshot(), b.snapshot()
+    assert seen_a["requests"] + seen_b["requests"] == 24 and seen_a["requests"] and seen_b["requests"]
+    # requests alternate between the servers; each server's pool keeps its own connections alive
+    assert seen_a["connections"] <= 4 and seen_b["connections"] <= 4
+
+
+def test_images_are_png_at_describer_size_and_the_support_is_encoded_once(
+    server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encoded: list[tuple[int, ...]] = []
+    real = base_module.png_bytes_uint8
+
+    def counting(pixels):  # type: ignore[no-untyped-def]
+        encoded.append(pixels.shape)
+        return real(pixels)
+
+    monkeypatch.setattr(base_module, "png_bytes_uint8", counting)
+    d = build_describer(cfg(server.url, "openai", image_size=32, max_concurrency=1), NAMES)
+    d.describe(requests_(5))
+    d.close()
+    assert len(encoded) == 2 + 2 * 5  # the two support views once, then each query's two views
+    assert all(shape == (32, 32, 3) for shape in encoded)
+    supports = set()
+    for _, _, body in server.hits:
+        urls = [p["image_url"]["url"] for m in body["messages"] if isinstance(m["content"], list)
+                for p in m["content"] if p["type"] == "image_url"]
+        assert len(urls) == 4 and len(set(urls)) == 4  # each view once per request
+        assert all(png_size(u.split(",", 1)[1]) == (32, 32) for u in urls)
+        supports.add(tuple(urls[:2]))
+    assert len(supports) == 1  # the same support bytes in every request
+
+
+def test_retries_send_the_same_body(server: FakeServer) -> None:
+    server.reply = lambda p, b, n: (500, {"error": "busy"}) if n == 1 else (200, ok(p, "Fine text."))
+    d = build_describer(cfg(server.url, "openai", retries=1), NAMES)
+    assert d.describe(requests_()) == ["Fine text."]
+    d.close()
+    assert len(server.hits) == 2 and server.hits[0][2] == server.hits[1][2]
+    assert server.hits[0][1]["Content-Length"] == server.hits[1][1]["Content-Length"]
+
+
+def test_latency_percentiles_in_stats() -> None:
+    with LatencyServer(latency_s=0.1, jitter_s=0.05, seed=1) as latency_server:
+        d = build_describer(cfg(latency_server.url, "openai", max_concurrency=4), NAMES)
+        assert d.stats.latency_percentiles() == {"latency_p50_s": None, "latency_p95_s": None}
+        d.describe(requests_(8))
+        mark = d.stats.latency_count()
+        assert mark == 8
+        d.describe(requests_(4))
+        d.close()
+        delays = latency_server.snapshot()["delays"]
+    whole = d.stats.latency_percentiles()
+    assert min(delays) <= whole["latency_p50_s"] <= whole["latency_p95_s"] <= max(delays) + 1.0
+    assert whole["latency_p50_s"] >= 0.05
+    assert d.stats.latency_percentiles(since=mark)["latency_p50_s"] is not None
+    assert set(d.stats.as_dict()) >= {"calls", "latency_s"}  # the summed counters stay as they were
+    rules = build_describer(DescriberSettings.from_partial({"backend": "rules"}), NAMES)
+    rules.describe(requests_(3))
+    assert rules.stats.latency_count() == 3 and rules.stats.latency_percentiles()["latency_p95_s"] is not None
+
+
+@pytest.mark.parametrize("backend", ["rules", "openai"])
+def test_submit_returns_futures_in_order(backend: str) -> None:
+    with LatencyServer(latency_s=0.05) as latency_server:
+        over = {} if backend == "rules" else {"base_url": latency_server.base_url, "model": "m",
+                                               "prompt_template": TEMPLATE, "image_size": 32}
+        d = build_describer(DescriberSettings.from_partial({"backend": backend, **over}), NAMES)
+        reqs = requests_(5)
+        futures = d.submit(reqs)
+        texts = [f.result(timeout=10) for f in futures]
+        assert texts == d.describe(reqs) and all(texts)
+        d.close()

@@ -19,6 +19,7 @@ from ttdl.text.describers import (
     make_support_example,
 )
 from ttdl.text.describers.prompt import DEFAULT_TEMPLATE
+from ttdl.text.describers.rules import dilate as rules_dilate
 from ttdl.text.describers.rules import label_components
 
 NAMES = ["background", "circle", "square", "triangle", "ring", "star", "cross"]
@@ -223,3 +224,129 @@ def test_shifted_prediction_of_missed_object_is_hallucination() -> None:
     pr[40:60, 30:50] = 1  # right next to the object, touching it, none of it correct
     for t in texts(pr, gt):
         assert "missed" in t and "hallucinated" in t and "over-extend" not in t
+
+
+# ---- the measured (vectorised) describer says exactly what the reference one said -------------
+def reference_labels(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """The reference labelling: min-label propagation over 3x3 neighbourhoods, labels in raster order."""
+    h, w = mask.shape
+    if not mask.any():
+        return np.zeros((h, w), dtype=np.int32), 0
+    none = h * w
+    lab = np.where(mask, np.arange(h * w).reshape(h, w), none)
+    while True:
+        padded = np.pad(lab, 1, constant_values=none)
+        new = lab.copy()
+        for dy in range(3):
+            for dx in range(3):
+                np.minimum(new, padded[dy:dy + h, dx:dx + w], out=new)
+        new = np.where(mask, new, none)
+        new = np.append(new.ravel(), none)[new]
+        if np.array_equal(new, lab):
+            break
+        lab = new
+    out = np.zeros((h, w), dtype=np.int32)
+    uniq, inverse = np.unique(lab[mask], return_inverse=True)
+    out[mask] = inverse + 1
+    return out, len(uniq)
+
+
+def test_label_numbering_matches_the_reference() -> None:
+    """Part numbers break ties between equal parts when they are worded, so the numbering must not change."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        m = rng.random((int(rng.integers(1, 30)), int(rng.integers(1, 30)))) < rng.random()
+        labels, n = label_components(m)
+        ref, n_ref = reference_labels(m)
+        assert n == n_ref and np.array_equal(labels, ref)
+
+
+def test_dilate_matches_padded_reference() -> None:
+    rng = np.random.default_rng(1)
+    for r in (1, 2, 3, 7):
+        m = rng.random((13, 9)) < 0.1
+        ref = F.max_pool2d(torch.from_numpy(m)[None, None].float(), 2 * r + 1, 1, r)[0, 0].numpy() > 0
+        assert np.array_equal(rules_dilate(m, r), ref)
+
+
+def golden_requests() -> list[DescribeRequest]:
+    """Blobs of several classes with every kind of error, drawn from one seeded generator."""
+    gen = torch.Generator().manual_seed(1234)
+    size = 64
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    reqs = []
+    for i in range(24):
+        cy, cx, r = (torch.randint(12, 52, (3,), generator=gen)).tolist()
+        r = 4 + r % 14
+        c = 1 + i % 6
+        gt = torch.where((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r, c, 0)
+        gt[torch.rand(size, size, generator=gen) < 0.01] = 255
+        pr = torch.roll(gt.clamp(max=6), tuple(torch.randint(-6, 7, (2,), generator=gen).tolist()), (0, 1))
+        blob = torch.randint(0, size - 8, (2,), generator=gen).tolist()
+        pr[blob[0]:blob[0] + 1 + i % 8, blob[1]:blob[1] + 1 + i % 8] = c if i % 3 else (c % 6) + 1
+        if i % 4 == 0:
+            pr[pr == c] = torch.where(torch.rand(int((pr == c).sum()), generator=gen) < 0.2, 0, c)
+        if i % 5 == 0:
+            pr[:, : size // 3] = 0
+        reqs.append(DescribeRequest(f"g{i}-{c}", torch.zeros(3, size, size), gt, pr, c, NAMES[c], NAMES))
+    return reqs
+
+
+# Written by the describer before its measurements were vectorised (per-part masks, numpy
+# label propagation): the texts, and so a sync run's weights, must not change.
+GOLDEN = [
+    'The CIRCLE region is incomplete in the center: about half of it is missing.',
+    ('The SQUARE region is incomplete at the bottom: a sizeable part of it is missing. The predicted '
+     'SQUARE region is over-extended at the top, beyond the true boundary.'),
+    ('The prediction of the TRIANGLE region is incomplete in the center. The TRIANGLE prediction '
+     'over-extends past the object at the top right; a small TRIANGLE region was hallucinated at the top '
+     'right.'),
+    'The RING region is segmented accurately, with no significant deviation from the ground truth.',
+    ('The STAR region is incomplete on the left: a sizeable part of it is missing; the STAR region '
+     'over-extends on the right; a spurious STAR region was hallucinated at the bottom left.'),
+    'The predicted CROSS region is incomplete, missing most of the object in the center.',
+    ('The predicted CIRCLE region is incomplete, missing a small part of the object at the bottom. A small'
+     ' CIRCLE region was hallucinated at the bottom.'),
+    ('The SQUARE region is incomplete at the top: a small part of it is missing. The SQUARE prediction '
+     'over-extends past the object at the bottom left.'),
+    ('The predicted TRIANGLE region is incomplete, missing about half of the object at the bottom. The '
+     'TRIANGLE prediction over-extends past the object at the top right.'),
+    ('The predicted RING region is incomplete, missing a small part of the object at the top; the RING '
+     'prediction over-extends past the object at the bottom.'),
+    ('The prediction of the STAR region is incomplete on the right. The predicted STAR region is '
+     'over-extended on the left, beyond the true boundary.'),
+    ('The CROSS region is incomplete on the left: a sizeable part of it is missing. The CROSS prediction '
+     'over-extends past the object at the bottom right and the prediction hallucinated a small spurious '
+     'CROSS region in the center.'),
+    ('The prediction of the CIRCLE region is incomplete in the center. The predicted CIRCLE region is '
+     'over-extended at the top, beyond the true boundary.'),
+    ('The predicted SQUARE region is incomplete, missing about half of the object in the center; the '
+     'SQUARE prediction over-extends past the object at the top left; a spurious SQUARE region was '
+     'hallucinated at the top.'),
+    ('The predicted TRIANGLE region is incomplete, missing about half of the object in the center; the '
+     'TRIANGLE region over-extends at the top right; a spurious TRIANGLE region was hallucinated on the '
+     'left.'),
+    'The RING outline is coarse, with ragged edges.',
+    ('The prediction of the STAR region is incomplete on the left; the predicted STAR region is '
+     'over-extended on the right, beyond the true boundary.'),
+    ('The prediction of the CROSS region is incomplete in the center. The CROSS region over-extends at the'
+     ' bottom left.'),
+    ('The CIRCLE region is incomplete at the top: a sizeable part of it is missing; the predicted CIRCLE '
+     'region is over-extended at the bottom right, beyond the true boundary.'),
+    ('The SQUARE region is incomplete at the top: about half of it is missing. The predicted SQUARE region'
+     ' is over-extended at the bottom right, beyond the true boundary and a small SQUARE region was '
+     'hallucinated at the bottom.'),
+    ('The predicted TRIANGLE region is incomplete, missing about half of the object on the left. The '
+     'predicted TRIANGLE region is over-extended at the bottom right, beyond the true boundary.'),
+    ('The RING region is incomplete on the left and on the right: a sizeable part of it is missing; the '
+     'predicted RING region is over-extended on the right, beyond the true boundary.'),
+    ('The prediction of the STAR region is incomplete at the bottom. The STAR prediction over-extends past'
+     ' the object at the top and at the bottom left.'),
+    ('The prediction of the CROSS region is incomplete on the right. The CROSS region over-extends at the '
+     'bottom left; a spurious CROSS region was hallucinated at the bottom.'),
+]
+
+
+def test_texts_unchanged_by_vectorisation() -> None:
+    d = build_describer(DescriberSettings.from_partial({"backend": "rules"}), NAMES)
+    assert d.describe(golden_requests()) == GOLDEN

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ttdl.core.io import load_torch, save_torch
+from ttdl.core.provenance import ProvenanceError
 from ttdl.jobs.prefill import prefill_cache
 from ttdl.jobs.train import Trainer
 from ttdl.text.describers import DescriberError
@@ -189,3 +190,19 @@ def test_summary_reports_answer_statistics(tiny_run, tmp_path):
     summary = trainer.fit()
     assert summary["describer_usable_share"] == 1.0
     assert summary["answer_words_mean"] > 3  # the rules describer writes sentences
+
+
+def test_a_cache_from_another_describer_is_refused_naming_what_differs(tiny_run, tmp_path):
+    run = tiny_run("t", objective={"name": "grouped_siglip"}, **TEXT)
+    trainer = Trainer(run, tmp_path / "out", log=lambda *_: None)
+    save_torch(tmp_path / "w.pth", {"model": trainer.model.state_dict()})
+    prefill_cache(run, str(tmp_path / "w.pth"), tmp_path / "prefill.pt")
+    other = tiny_run("t", objective={"name": "grouped_siglip"}, describer={"image_size": 48, "seed": 7})
+    with pytest.raises(ProvenanceError, match=r"prefill.pt: this mask-text cache was produced by another setup"
+                                              r"(.|\n)*describer: file has"):
+        Trainer(other, tmp_path / "other", cache_path=str(tmp_path / "prefill.pt"), log=lambda *_: None)
+    state = load_torch(tmp_path / "prefill.pt")
+    del state["provenance"]
+    save_torch(tmp_path / "bare.pt", state)
+    with pytest.raises(ProvenanceError, match="records nothing about what produced it"):
+        Trainer(run, tmp_path / "bare", cache_path=str(tmp_path / "bare.pt"), log=lambda *_: None)

@@ -45,6 +45,7 @@ REGISTRIES = {
     "train.device": lambda: set(runtime.DEVICES),
     "adaptation.kind": lambda: set(encoder_adaptation.ADAPTATIONS),
     "describer.schedule": lambda: set(objectives.SCHEDULES),
+    "cache.policy": lambda: set(cache.POLICIES),
 }
 
 # enums that the code reads with a plain comparison, without a table of implementations

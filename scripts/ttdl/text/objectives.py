@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ttdl.core import provenance
 from ttdl.core.io import load_torch
 from ttdl.core.losses import mix_losses
 from ttdl.core.settings import RunSettings
@@ -276,8 +277,14 @@ def build_objective(run: RunSettings, *, class_names: list[str], ignore_index: i
     cache = describer = val_cache = val_source = None
     if cfg.text == "describer":
         cache = cache_from_settings(run.cache)
+        produced_by = provenance.for_cache(run.data, run.describer)
         if cache_path:
-            cache.load_state_dict(load_torch(cache_path), source=cache_path)
+            state = load_torch(cache_path)
+            provenance.check(produced_by, state.get("provenance"), cache_path, "mask-text cache",
+                             "rerun the prefill for this run's data and describer (delete the file; the workflow "
+                             "writes it again)")
+            cache.load_state_dict(state, source=cache_path)
+        cache.provenance = produced_by
         describer = describer_for_run(run.describer, class_names, support_dataset)
         source = DescriberTexts(describer, cache, class_names, run.describer.schedule,
                                 run.describer.max_staleness_steps)

@@ -80,10 +80,15 @@ def to_uint8_hwc(image: Tensor) -> np.ndarray:
     return arr.permute(1, 2, 0).cpu().numpy()
 
 
-def to_png_bytes(image: Tensor) -> bytes:
+def png_bytes_uint8(pixels: np.ndarray) -> bytes:
+    """PNG of an HxWx3 uint8 array, at its own size (lossless; zlib's default level)."""
     buf = io.BytesIO()
-    Image.fromarray(to_uint8_hwc(image)).save(buf, format="PNG")
+    Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def to_png_bytes(image: Tensor) -> bytes:
+    return png_bytes_uint8(to_uint8_hwc(image))
 
 
 def to_base64_png(image: Tensor) -> str:

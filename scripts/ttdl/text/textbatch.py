@@ -55,9 +55,9 @@ def significant_classes(gt: torch.Tensor, pr: torch.Tensor | None, num_classes: 
 def build_text_batch(uids: list[str], images: torch.Tensor, gt: torch.Tensor, pr: torch.Tensor, *,
                      size: int, num_classes: int, ignore_index: int,
                      include_predicted: bool = False) -> TextBatch:
-    with torch.no_grad():
-        small_images, small_gt, small_pr = resize_for_describer(
-            images.detach().float().cpu(), gt.cpu(), pr.cpu(), size)
+    with torch.no_grad():  # resized where the batch is (a GPU), then only the small views move to the CPU
+        small_images, small_gt, small_pr = resize_for_describer(images.detach().float(), gt, pr, size)
+        small_images, small_gt, small_pr = small_images.cpu(), small_gt.cpu(), small_pr.cpu()
     rows, classes, keys = [], [], []
     for row, uid in enumerate(uids):
         for c in significant_classes(small_gt[row], small_pr[row], num_classes, ignore_index, include_predicted):

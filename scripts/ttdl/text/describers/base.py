@@ -8,6 +8,8 @@ would silently degrade into CE-only training.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import http.client
 import json
 import logging
@@ -15,11 +17,15 @@ import os
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from array import array
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import requests
+import torch
 import urllib3
 
 from ttdl.core.redact import RedactingFilter, redact, register_secret
@@ -28,12 +34,14 @@ from ttdl.text.describers.endpoints import EndpointPool
 from ttdl.text.describers.prompt import SupportExample, build_messages, load_template, synthetic_support
 from ttdl.text.describers.request import DescribeRequest
 from ttdl.text.describers.transport import AttemptFailed, DeadlineAdapter, Watchdog, read_capped
+from ttdl.text.overlays import png_bytes_uint8, to_uint8_hwc
 
 log = logging.getLogger(__name__)
 # The describer scrubs what it logs itself; this filter is the net under it for records of this module.
 log.addFilter(RedactingFilter())
 
 MAX_WORDS = 60  # the text encoder reads 77 tokens; 60 words leave room for sub-word splits
+PNG_MEMO_SIZE = 16  # encoded images remembered by content (the support views; a few recent ones)
 
 
 class DescriberError(RuntimeError):
@@ -51,6 +59,11 @@ class DescriberStats:
     (concurrent ones overlap). oversized / overdue: attempts whose reply passed
     max_response_bytes / request_deadline_s (each also a failed attempt: retried,
     never parsed); too_long: answers over max_answer_chars (also in malformed).
+
+    Each request's own wall time (retries and backoff included) is kept as well,
+    in completion order, for its percentiles: `latency_percentiles()` gives
+    `latency_p50_s` and `latency_p95_s` over all requests, or over those since a
+    mark taken with `latency_count()` (for example at the start of an epoch).
     """
 
     calls: int = 0
@@ -62,11 +75,35 @@ class DescriberStats:
     overdue: int = 0
     too_long: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _latencies: array = field(default_factory=lambda: array("d"), repr=False, compare=False)
 
     def add(self, **deltas: float) -> None:
         with self._lock:
             for name, value in deltas.items():
                 setattr(self, name, getattr(self, name) + value)
+
+    def add_request(self, latency_s: float, **deltas: float) -> None:
+        """One finished request: a call, its wall time (summed and kept for percentiles) and other counts."""
+        with self._lock:
+            self.calls += 1
+            self.latency_s += latency_s
+            self._latencies.append(latency_s)
+            for name, value in deltas.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def latency_count(self) -> int:
+        """How many request latencies are recorded (a mark for `latency_percentiles(since=...)`)."""
+        with self._lock:
+            return len(self._latencies)
+
+    def latency_percentiles(self, since: int = 0) -> dict[str, float | None]:
+        """p50 and p95 of the per-request wall times (seconds) recorded from mark `since` on; None if none."""
+        with self._lock:
+            window = np.frombuffer(self._latencies, dtype=np.float64)[since:].copy()
+        if window.size == 0:
+            return {"latency_p50_s": None, "latency_p95_s": None}
+        p50, p95 = np.percentile(window, [50, 95])
+        return {"latency_p50_s": round(float(p50), 4), "latency_p95_s": round(float(p95), 4)}
 
     def as_dict(self) -> dict[str, float]:
         with self._lock:
@@ -87,6 +124,8 @@ class Describer(Protocol):
     stats: DescriberStats
 
     def describe(self, requests: list[DescribeRequest]) -> list[str | None]: ...
+
+    def submit(self, requests: list[DescribeRequest]) -> list[Future]: ...
 
     def close(self) -> None: ...
 
@@ -220,11 +259,24 @@ class HttpDescriber:
         self.support = support if support is not None else synthetic_support(self.template, self.image_size)
         self._api_key = read_api_key(cfg.api_key_env)
         self.stats = DescriberStats()
-        self._session = requests.Session()
-        adapter = DeadlineAdapter(pool_connections=1, pool_maxsize=self.max_concurrency)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
+        # one session per server, each with a pool of max_concurrency kept-alive connections: every
+        # request in flight may go to the same server, and a connection is reused once its reply is read
+        self._sessions = {base: self._new_session() for base in self._endpoints.urls}
         self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix=f"describer-{self.backend}")
+        self._png_lock = threading.Lock()
+        self._png_memo: OrderedDict[tuple, str] = OrderedDict()  # the support images recur in every request
+
+    def _new_session(self) -> requests.Session:
+        session = requests.Session()
+        adapter = DeadlineAdapter(pool_connections=1, pool_maxsize=self.max_concurrency)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session
+
+    def _session_for(self, url: str) -> requests.Session:
+        """The session of the server `url` was routed to (the longest base URL it starts with)."""
+        matches = [base for base in self._sessions if url == base or url.startswith(base + "/")]
+        return self._sessions[max(matches, key=len)] if matches else self._sessions[self._endpoints.primary]
 
     # --- what a backend defines -------------------------------------------------
     def url(self) -> str:
@@ -237,6 +289,26 @@ class HttpDescriber:
         raise NotImplementedError
 
     # --- shared machinery -------------------------------------------------------
+    def image_base64(self, image: torch.Tensor) -> str:
+        """Bare base64 PNG of a [3,H,W] view, as it is (the views are already at describer size).
+
+        PNG is lossless and the smallest form both APIs take without re-encoding
+        on their side; an image seen lately (the one-shot example's two views,
+        in every request) is encoded once and then taken from a small memo.
+        """
+        pixels = to_uint8_hwc(image)
+        key = (pixels.shape, hashlib.blake2b(pixels.tobytes(), digest_size=16).digest())
+        with self._png_lock:
+            if key in self._png_memo:
+                self._png_memo.move_to_end(key)
+                return self._png_memo[key]
+        encoded = base64.b64encode(png_bytes_uint8(pixels)).decode("ascii")
+        with self._png_lock:
+            self._png_memo[key] = encoded
+            while len(self._png_memo) > PNG_MEMO_SIZE:
+                self._png_memo.popitem(last=False)
+        return encoded
+
     def headers(self) -> dict[str, str]:
         # identity: the byte cap then counts what crosses the wire (a compressed reply is still capped decoded)
         h = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
@@ -244,9 +316,13 @@ class HttpDescriber:
             h["Authorization"] = f"Bearer {self._api_key}"
         return h
 
+    def submit(self, requests_: list[DescribeRequest]) -> list[Future]:
+        """Send the requests without waiting: one future per request (its text or None), max_concurrency in flight."""
+        return [self._pool.submit(self._describe_one, r) for r in requests_]
+
     def describe(self, requests_: list[DescribeRequest]) -> list[str | None]:
         """Describe a step's requests concurrently (at most max_concurrency in flight), in order."""
-        futures = [self._pool.submit(self._describe_one, r) for r in requests_]
+        futures = self.submit(requests_)
         try:
             return [f.result() for f in futures]
         except BaseException:
@@ -274,8 +350,12 @@ class HttpDescriber:
         return answer
 
     def _post(self, payload: dict) -> Any:
-        """POST with retries; the parsed JSON body, or None when a 200 reply is not JSON."""
+        """POST with retries; the parsed JSON body, or None when a 200 reply is not JSON.
+
+        The body is serialised once and every attempt sends the same bytes.
+        """
         url = self.url()
+        body = json.dumps(payload).encode("utf-8")
         attempts = 1 + self.retries
         last_error = "no attempt made"
         delay = 0.0
@@ -289,7 +369,7 @@ class HttpDescriber:
                 backoff = self.backoff_s * 2**attempt
                 fatal = None
                 try:
-                    status, headers, data = self._attempt(url, payload)
+                    status, headers, data = self._attempt(url, body)
                 except AttemptFailed as exc:
                     self.stats.add(**{exc.kind: 1})
                     last_error, delay = self._scrub(exc), backoff
@@ -322,31 +402,41 @@ class HttpDescriber:
                 "available there, and the timeout_s / request_deadline_s / max_response_bytes / retries settings.",
             )
         finally:
-            self.stats.add(calls=1, latency_s=time.monotonic() - start)
+            self.stats.add_request(time.monotonic() - start)
 
-    def _attempt(self, url: str, payload: dict) -> tuple[int, Any, bytes]:
-        """One HTTP attempt within request_deadline_s and max_response_bytes: (status, headers, body)."""
+    def _attempt(self, url: str, body: bytes) -> tuple[int, Any, bytes]:
+        """One HTTP attempt within request_deadline_s and max_response_bytes: (status, headers, body).
+
+        A reply read to its end gives its connection back to the session's pool
+        (kept alive for the next request); any other outcome closes it.
+        """
         deadline = time.monotonic() + self.request_deadline_s
         dog = Watchdog(self.request_deadline_s)
         overdue = AttemptFailed("overdue", f"no complete reply within request_deadline_s={self.request_deadline_s:g}")
+        resp, cut = None, False
         try:
             with self._endpoints.route(url) as routed, dog:
-                resp = self._session.post(routed, json=payload, headers=self.headers(), stream=True,
-                                          timeout=min(self.timeout_s, self.request_deadline_s))
-                try:
-                    data = read_capped(resp, deadline, self.max_response_bytes, self.request_deadline_s)
-                finally:
-                    resp.close()  # an unread rest is dropped with its connection, never drained
+                resp = self._session_for(routed).post(
+                    routed, data=body, headers=self.headers(), stream=True,
+                    timeout=min(self.timeout_s, self.request_deadline_s))
+                data = read_capped(resp, deadline, self.max_response_bytes, self.request_deadline_s)
                 if dog.fired:  # the cut may have looked like a normal end of the body
                     raise overdue
-                return resp.status_code, resp.headers, data
         except AttemptFailed:
+            _discard(resp)  # an unread rest is dropped with its connection, never drained
             raise
         except Exception:
+            _discard(resp)
             # a read cut by the watchdog, or a socket timeout that ran past the deadline: the deadline's doing
             if not (dog.fired or time.monotonic() >= deadline):
                 raise
-        raise overdue
+            cut = True
+        if cut or dog.fired:  # raised here, outside the except block: no chained original
+            _discard(resp)  # (a watchdog that fired after the check above has shut the socket down)
+            raise overdue
+        # the watchdog is done with the socket: the connection may go back to the pool now
+        resp.raw.release_conn()
+        return resp.status_code, resp.headers, data
 
     def _snippet(self, data: bytes, limit: int = 300) -> str:
         """The server's own error text, scrubbed and shortened: it usually says exactly what is wrong."""
@@ -373,13 +463,19 @@ class HttpDescriber:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._session.close()
+        for session in self._sessions.values():
+            session.close()
 
     def __enter__(self) -> "HttpDescriber":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _discard(resp: requests.Response | None) -> None:
+    if resp is not None:
+        resp.close()
 
 
 # transport failures worth another attempt; read1 raises urllib3's own errors, which requests does not wrap there

@@ -11,7 +11,6 @@ from typing import Any
 from ttdl.core.settings import DescriberSettings
 from ttdl.text.describers.base import HttpDescriber
 from ttdl.text.describers.prompt import SupportExample
-from ttdl.text.overlays import to_base64_png
 
 
 class OllamaDescriber(HttpDescriber):
@@ -31,7 +30,7 @@ class OllamaDescriber(HttpDescriber):
         for m in messages:
             msg = {"role": m["role"], "content": m["text"]}
             if m["images"]:
-                msg["images"] = [to_base64_png(im) for im in m["images"]]
+                msg["images"] = [self.image_base64(im) for im in m["images"]]  # PNG at the describer size
             wire.append(msg)
         return {
             "model": self.model,

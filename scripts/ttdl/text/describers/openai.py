@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 from ttdl.text.describers.base import HttpDescriber
-from ttdl.text.overlays import to_data_url
 
 
 class OpenAIDescriber(HttpDescriber):
@@ -27,13 +26,13 @@ class OpenAIDescriber(HttpDescriber):
             "stream": False,
         }
 
-    @staticmethod
-    def _wire(message: dict) -> dict:
+    def _wire(self, message: dict) -> dict:
         # Text-only turns go out as a plain string: some text-only chat templates reject content lists.
         if not message["images"]:
             return {"role": message["role"], "content": message["text"]}
         parts: list[dict] = [{"type": "text", "text": message["text"]}]
-        parts += [{"type": "image_url", "image_url": {"url": to_data_url(im)}} for im in message["images"]]
+        parts += [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + self.image_base64(im)}}
+                  for im in message["images"]]  # each view once, as PNG at the describer size
         return {"role": message["role"], "content": parts}
 
     def parse(self, body: Any) -> str | None:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import random
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from ttdl.core.settings import DescriberSettings
 from ttdl.text.describers.base import DescriberStats, clean_answer
@@ -28,6 +30,7 @@ from ttdl.text.overlays import VOID, resize_for_describer
 THIN_SHARE = 0.8  # an error part this much inside the boundary band is an edge error, not a shape error
 FULL_MISS_TP = 0.05  # at most this share of the object found -> "missed entirely"
 MIN_REF_FRACTION = 0.01  # tiny or absent objects: judge errors against 1 % of the image instead
+_EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity
 
 
 # --- image measurements ---------------------------------------------------------
@@ -35,48 +38,56 @@ MIN_REF_FRACTION = 0.01  # tiny or absent objects: judge errors against 1 % of t
 def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """8-connected component labels (1..n, 0 = background) and n.
 
-    Min-label propagation with pointer jumping: every pixel starts with its own
-    flat index, repeatedly takes the smallest label in its 3x3 neighbourhood and
-    then the label of the pixel its label points to; labels only decrease and
-    always name a pixel of the same component, so the fixed point is one label
-    per component. Vectorised numpy, a few dozen passes at describer size.
+    Components are numbered in raster order of their first pixel (scipy's
+    two-pass labelling in C; the order matters, since it breaks ties between
+    equally large error parts when they are worded).
     """
     mask = np.asarray(mask, dtype=bool)
-    h, w = mask.shape
-    if not mask.any():
-        return np.zeros((h, w), dtype=np.int32), 0
-    none = h * w
-    lab = np.where(mask, np.arange(h * w).reshape(h, w), none)
-    while True:
-        padded = np.pad(lab, 1, constant_values=none)
-        new = lab.copy()
-        for dy in range(3):
-            for dx in range(3):
-                np.minimum(new, padded[dy : dy + h, dx : dx + w], out=new)
-        new = np.where(mask, new, none)
-        new = np.append(new.ravel(), none)[new]
-        if np.array_equal(new, lab):
-            break
-        lab = new
-    out = np.zeros((h, w), dtype=np.int32)
-    uniq, inverse = np.unique(lab[mask], return_inverse=True)
-    out[mask] = inverse + 1
-    return out, len(uniq)
+    labels, n = ndimage.label(mask, structure=_EIGHT)
+    return labels.astype(np.int32, copy=False), int(n)
+
+
+@dataclass
+class Components:
+    """The connected parts of one error mask, measured all at once (one pass of bincounts, no per-part masks)."""
+
+    labels: np.ndarray  # [H,W] 0 = none, 1..n
+    n: int
+    area: np.ndarray  # [n+1] pixels per part (index 0 unused)
+    in_band: np.ndarray  # [n+1] pixels of each part inside the boundary band
+    touches: np.ndarray  # [n+1] whether a part touches the halo around the object
+    mean_y: np.ndarray  # [n+1] centroid
+    mean_x: np.ndarray
+
+    @classmethod
+    def measure(cls, mask: np.ndarray, band: np.ndarray, halo: np.ndarray) -> "Components":
+        labels, n = label_components(mask)
+        size = n + 1
+        flat = labels.ravel()
+        idx = np.flatnonzero(flat)  # error pixels are few: measure only them
+        lab = flat[idx]
+        area = np.bincount(lab, minlength=size)
+        ys, xs = np.divmod(idx, labels.shape[1])
+        # integer sums are exact in float64, so the means equal numpy's mean over each part's pixels
+        mean_y = np.bincount(lab, weights=ys, minlength=size) / np.maximum(area, 1)
+        mean_x = np.bincount(lab, weights=xs, minlength=size) / np.maximum(area, 1)
+        in_band = np.bincount(lab[band.ravel()[idx]], minlength=size)
+        touches = np.bincount(lab[halo.ravel()[idx]], minlength=size) > 0
+        return cls(labels, n, area, in_band, touches, mean_y, mean_x)
 
 
 def dilate(mask: np.ndarray, r: int) -> np.ndarray:
-    """Square (2r+1) dilation; outside the image counts as empty."""
+    """Square (2r+1) dilation; outside the image counts as empty (separable shifted ORs, no padding copies)."""
     if r <= 0:
         return mask.copy()
-    h, w = mask.shape
-    p = np.pad(mask, ((0, 0), (r, r)))
-    out = np.zeros_like(mask)
-    for d in range(2 * r + 1):
-        out |= p[:, d : d + w]
-    p = np.pad(out, ((r, r), (0, 0)))
-    out = np.zeros_like(mask)
-    for d in range(2 * r + 1):
-        out |= p[d : d + h, :]
+    rows = mask.copy()
+    for d in range(1, r + 1):
+        rows[:, d:] |= mask[:, :-d]
+        rows[:, :-d] |= mask[:, d:]
+    out = rows.copy()
+    for d in range(1, r + 1):
+        out[d:, :] |= rows[:-d, :]
+        out[:-d, :] |= rows[d:, :]
     return out
 
 
@@ -101,21 +112,34 @@ def where_phrase(row: str, col: str) -> str:
     return f"at the {row} {col}"
 
 
-def image_location(ys: np.ndarray, xs: np.ndarray, h: int, w: int) -> str:
-    """3x3 grid cell of the centroid over the whole image (for detached errors)."""
-    return where_phrase(*_grid((ys.mean() + 0.5) / h, (xs.mean() + 0.5) / w))
+def image_location(mean_y: float, mean_x: float, h: int, w: int) -> str:
+    """3x3 grid cell of a centroid over the whole image (for detached errors)."""
+    return where_phrase(*_grid((mean_y + 0.5) / h, (mean_x + 0.5) / w))
 
 
-def object_location(ys: np.ndarray, xs: np.ndarray, obj_ys: np.ndarray, obj_xs: np.ndarray) -> str:
+@dataclass
+class ObjectBox:
+    """The GT object's centroid and half extents: the frame of on-object locations."""
+
+    mean_y: float
+    mean_x: float
+    half_h: float
+    half_w: float
+
+    @classmethod
+    def of(cls, ys: np.ndarray, xs: np.ndarray) -> "ObjectBox":
+        return cls(float(ys.mean()), float(xs.mean()),
+                   max(1.0, (ys.max() - ys.min() + 1) / 2), max(1.0, (xs.max() - xs.min() + 1) / 2))
+
+
+def object_location(mean_y: float, mean_x: float, obj: ObjectBox) -> str:
     """3x3 grid over the object's box, centred on the object: where on the object an error sits.
 
     "Incomplete on the left" means the object's left part is missing, wherever
     the object is in the image, so errors attached to the object are placed relative to it.
     """
-    half_h = max(1.0, (obj_ys.max() - obj_ys.min() + 1) / 2)
-    half_w = max(1.0, (obj_xs.max() - obj_xs.min() + 1) / 2)
-    dy = (ys.mean() - obj_ys.mean()) / half_h
-    dx = (xs.mean() - obj_xs.mean()) / half_w
+    dy = (mean_y - obj.mean_y) / obj.half_h
+    dx = (mean_x - obj.mean_x) / obj.half_w
     return where_phrase(*_grid((dy + 1) / 2, (dx + 1) / 2))
 
 
@@ -162,7 +186,14 @@ def _unique(items: list[str], limit: int = 3) -> list[str]:
 def analyse(
     gt: np.ndarray, pr: np.ndarray, class_index: int, class_names: list[str], negligible_fraction: float
 ) -> Diagnosis:
-    """Measure the errors of class `class_index` between GT and PR (void pixels ignored)."""
+    """Measure the errors of class `class_index` between GT and PR (void pixels ignored).
+
+    Each error mask (missed, spurious) is split into 8-connected parts measured
+    in one pass (`Components`); a part is an edge error when most of it lies in
+    the boundary band, is ignored below the negligible size, and is otherwise
+    placed on the object (missing parts, over-extensions touching the object) or
+    in the image (detached hallucinations).
+    """
     gt, pr = np.asarray(gt), np.asarray(pr)
     h, w = gt.shape
     valid = gt != VOID
@@ -180,52 +211,49 @@ def analyse(
     band = dilate(g, r) & ~erode(g, r) if g_area else np.zeros_like(g)
     halo = dilate(g, 1)
     gys, gxs = np.nonzero(g)
+    obj = ObjectBox.of(gys, gxs) if g_area else None
     thin_fn = thin_fp = 0
 
     if g_area and int((g & p).sum()) <= FULL_MISS_TP * g_area:
         diag.fully_missed = True
-        diag.missed_where = [image_location(gys, gxs, h, w)]
+        diag.missed_where = [image_location(float(gys.mean()), float(gxs.mean()), h, w)]
         k, _ = _majority(pr[g], class_index)
         diag.missed_as = name_of(k)
     elif g_area:
-        labels, n = label_components(fn)
+        parts_fn = Components.measure(fn, band, halo)
         parts = []
-        for i in range(1, n + 1):
-            comp = labels == i
-            area = int(comp.sum())
-            if (comp & band).sum() >= THIN_SHARE * area:
+        for i in range(1, parts_fn.n + 1):
+            area = int(parts_fn.area[i])
+            if parts_fn.in_band[i] >= THIN_SHARE * area:
                 thin_fn += area
             elif area >= threshold:
-                parts.append((area, comp))
+                parts.append((area, i))
         parts.sort(key=lambda t: -t[0])
         if parts:
-            missing = np.zeros_like(g)
-            for _, comp in parts:
-                missing |= comp
+            missing = np.isin(parts_fn.labels, [i for _, i in parts])
             diag.missed_share = float(missing.sum()) / g_area
-            diag.missed_where = _unique([object_location(*np.nonzero(c), gys, gxs) for _, c in parts], 2)
+            diag.missed_where = _unique(
+                [object_location(parts_fn.mean_y[i], parts_fn.mean_x[i], obj) for _, i in parts], 2)
             k, share = _majority(pr[missing], class_index)
             if k is not None and share >= 0.5 and not _is_background(name_of(k) or "background"):
                 diag.missed_as = name_of(k)
 
-    labels, n = label_components(fp)
+    parts_fp = Components.measure(fp, band, halo)
     over, halluc = [], []
     valid_area = max(1, int(valid.sum()))
-    for i in range(1, n + 1):
-        comp = labels == i
-        area = int(comp.sum())
-        touches = bool((comp & halo).any())
-        if touches and not diag.fully_missed and (comp & band).sum() >= THIN_SHARE * area:
+    for i in range(1, parts_fp.n + 1):
+        area = int(parts_fp.area[i])
+        touches = bool(parts_fp.touches[i])
+        if touches and not diag.fully_missed and parts_fp.in_band[i] >= THIN_SHARE * area:
             thin_fp += area
         elif area < threshold:
             continue
         elif touches and not diag.fully_missed:  # a missed object cannot over-extend: that is a misplacement
-            over.append((area, object_location(*np.nonzero(comp), gys, gxs)))
+            over.append((area, object_location(parts_fp.mean_y[i], parts_fp.mean_x[i], obj)))
         else:
-            ys, xs = np.nonzero(comp)
             share = area / valid_area
             size = "small" if share < 0.02 else "sizeable" if share < 0.1 else "large"
-            halluc.append((area, (image_location(ys, xs, h, w), size)))
+            halluc.append((area, (image_location(parts_fp.mean_y[i], parts_fp.mean_x[i], h, w), size)))
     diag.over_where = _unique([wh for _, wh in sorted(over, key=lambda t: -t[0])], 2)
     seen: set[str] = set()
     for _, (wh, size) in sorted(halluc, key=lambda t: -t[0]):
@@ -359,9 +387,18 @@ class RulesDescriber:
         for req in requests:
             start = time.monotonic()
             text = self.describe_one(req)
-            self.stats.add(calls=1, latency_s=time.monotonic() - start, malformed=int(text is None))
+            self.stats.add_request(time.monotonic() - start, malformed=int(text is None))
             out.append(text)
         return out
+
+    def submit(self, requests: list[DescribeRequest]) -> list[Future]:
+        """The `Describer` interface's non-blocking form; in-process, so the answers are done at return."""
+        futures = []
+        for text in self.describe(requests):
+            future: Future = Future()
+            future.set_result(text)
+            futures.append(future)
+        return futures
 
     def describe_one(self, req: DescribeRequest) -> str | None:
         gt, pr = req.gt, req.pr
