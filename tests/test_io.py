@@ -137,8 +137,8 @@ def test_a_pickle_of_arbitrary_objects_is_refused_with_what_it_holds(tmp_path) -
     with pytest.raises(CheckpointError) as info:
         load_torch(path)
     assert str(info.value) == (f"cannot load checkpoint {path}: it holds Python objects besides tensors, which are "
-                               f"not unpickled here (weights_only=True): argparse.Namespace; if you trust the file, "
-                               f"load it once with torch.load(weights_only=False) and save only its tensors")
+                               f"not unpickled here (weights_only=True): argparse.Namespace; only a file of tensors, "
+                               f"lists and dicts can be used: re-save its tensors from the program that wrote it")
 
 
 def test_zero_byte_init_checkpoint_names_the_file(tiny_run, tmp_path) -> None:

@@ -176,8 +176,8 @@ def load_torch(path: str | os.PathLike, map_location: Any = "cpu", remedy: str |
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         reason = ("it holds Python objects besides tensors, which are not unpickled here (weights_only=True)"
                   + (f": {found.group(1)}" if found else ""))
-        raise CheckpointError(f"cannot load checkpoint {path}: {reason}; if you trust the file, load it once with "
-                              f"torch.load(weights_only=False) and save only its tensors", path, reason) from exc
+        raise CheckpointError(f"cannot load checkpoint {path}: {reason}; only a file of tensors, lists and dicts "
+                              f"can be used: re-save its tensors from the program that wrote it", path, reason) from exc
     except Exception as exc:  # empty, truncated or corrupt: say which file, what is wrong, what to do
         reason = _diagnose(path, exc)
         raise CheckpointError(f"cannot load checkpoint {path}: {reason}; {remedy or DEFAULT_REMEDY}",
