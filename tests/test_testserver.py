@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 import requests
 
-from ttdl.text.describers.testserver import LatencyServer, describer_answer
+from ttdl.text.describers.testserver import LatencyServer, ServerProcess, describer_answer
 
 
-def chat(server: LatencyServer, text: str = "Now the case to solve, for the class CAT.", **kwargs) -> requests.Response:
+def chat(server: LatencyServer | ServerProcess, text: str = "Now the case to solve, for the class CAT.",
+         **kwargs) -> requests.Response:
     body = {"model": "test", "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]}
     return requests.post(server.base_url + "/chat/completions", json=body, timeout=10, **kwargs)
 
@@ -117,3 +120,29 @@ def test_answer_names_the_class_of_the_query() -> None:
     assert "TV-MONITOR" in describer_answer(body)
     assert describer_answer(body) == describer_answer(json.loads(json.dumps(body)))
     assert "OBJECT" in describer_answer({})
+
+
+def test_server_process_serves_counts_and_stops() -> None:
+    with ServerProcess(latency_s=0.05, jitter_s=0.0) as server:
+        assert chat(server).status_code == 200
+        seen = server.snapshot()
+        assert seen["requests"] == 1 and seen["delays"] == [0.05]
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", server.port), timeout=1):
+        pass
+
+
+def test_server_process_stops_when_its_parent_is_gone() -> None:
+    """A parent that dies without closing it (killed, crashed) leaves no server behind."""
+    code = ("import os; from ttdl.text.describers.testserver import ServerProcess; "
+            "s = ServerProcess(0.0); print(s.port, flush=True); os._exit(0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    port = int(out.stdout.strip())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the orphaned test server on port {port} is still listening")

@@ -23,6 +23,10 @@ beyond `max_requests` (503); an idle keep-alive connection is closed after
     with LatencyServer(latency_s=0.5, jitter_s=0.1) as server:
         cfg = {"backend": "openai", "base_url": server.base_url, "model": "test", ...}
 
+`ServerProcess` runs one in a child process (what `make bench` does, so that
+serving takes no time from the training process's interpreter); `GET /stats`
+gives its counts there.
+
 Command line (prints the base URL, serves until its lifetime ends or Ctrl-C):
     python -m ttdl.text.describers.testserver --latency 0.5 --jitter 0.1
 """
@@ -31,11 +35,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
@@ -100,6 +109,7 @@ class LatencyServer:
         self._slots = threading.BoundedSemaphore(slots) if slots else None
         self._open = 0
         self._closed = threading.Event()
+        self._closing = False
         self._httpd = _Server(("127.0.0.1", port), _handler(self, idle_timeout_s), self)
         self.port = int(self._httpd.server_address[1])
         self.url = f"http://127.0.0.1:{self.port}"
@@ -134,14 +144,19 @@ class LatencyServer:
         return self._closed.is_set()
 
     def close(self) -> None:
-        """Stop serving and close the listening socket (idempotent; also called by the lifetime timer)."""
-        if self._closed.is_set():
-            return
-        self._closed.set()
+        """Stop serving and close the listening socket (idempotent; also called by the lifetime timer).
+
+        `closed` turns true only once the socket is closed.
+        """
+        with self.lock:
+            if self._closing:
+                return
+            self._closing = True
         self._lifetime.cancel()
         if threading.current_thread() is not self._thread:
             self._httpd.shutdown()
         self._httpd.server_close()
+        self._closed.set()
 
     def __enter__(self) -> "LatencyServer":
         return self
@@ -184,6 +199,9 @@ def _handler(owner: LatencyServer, idle_timeout_s: float) -> type:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: a client's connection pool is visible in `connections`
         timeout = idle_timeout_s  # an idle kept-alive connection is closed after this
+        # headers and body go out in two writes: with Nagle's algorithm the body would wait for the
+        # client's delayed ACK of the headers (40 ms on Linux), a latency that is not the one asked for
+        disable_nagle_algorithm = True
 
         def _send(self, status: int, payload: dict) -> None:
             data = json.dumps(payload).encode()
@@ -198,6 +216,8 @@ def _handler(owner: LatencyServer, idle_timeout_s: float) -> type:
                 self._send(200, {"object": "list", "data": [{"id": owner.model, "object": "model"}]})
             elif self.path.rstrip("/") == "/health":
                 self._send(200, {"status": "ok"})
+            elif self.path.rstrip("/") == "/stats":  # the counts, for a client in another process
+                self._send(200, owner.snapshot())
             else:
                 self._send(404, {"error": {"message": f"no route {self.path}"}})
 
@@ -258,18 +278,75 @@ def _handler(owner: LatencyServer, idle_timeout_s: float) -> type:
     return Handler
 
 
+class ServerProcess:
+    """A LatencyServer in a child process: its request handling then takes no time from the caller's
+    interpreter (as a real server's would not). Same `url`, `base_url`, `port`, `snapshot()` and
+    `close()`; the counts come over `GET /stats`.
+
+    Bounded like the server: it stops itself after `max_lifetime_s`, or as soon as the process that
+    started it is gone; `close()` terminates it (and kills it if it does not stop within 5 s).
+    """
+
+    def __init__(self, latency_s: float = 0.5, jitter_s: float = 0.0, *, seed: int = 0, slots: int | None = None,
+                 max_lifetime_s: float = 1800.0, start_timeout_s: float = 60.0) -> None:
+        command = [sys.executable, "-m", "ttdl.text.describers.testserver", "--latency", str(latency_s),
+                   "--jitter", str(jitter_s), "--seed", str(seed), "--lifetime", str(max_lifetime_s),
+                   "--parent", str(os.getpid())]
+        if slots:
+            command += ["--slots", str(slots)]
+        self._proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        ready: list[str] = []
+        reader = threading.Thread(target=lambda: ready.append(self._proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(start_timeout_s)
+        line = ready[0].strip() if ready else ""
+        if not line.startswith("http://127.0.0.1:"):
+            self.close()
+            raise RuntimeError(f"the test server process did not start within {start_timeout_s:g} s")
+        self.base_url = line
+        self.url = line[: -len("/v1")]
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def snapshot(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.url + "/stats", timeout=10) as reply:  # noqa: S310 (127.0.0.1 only)
+            return json.loads(reply.read())
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--latency", type=float, default=0.5, help="seconds before each answer")
     parser.add_argument("--jitter", type=float, default=0.0, help="uniform ± seconds around the latency")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the jitter")
     parser.add_argument("--slots", type=int, default=None, help="requests served at once (default: unlimited)")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--lifetime", type=float, default=1800.0, help="seconds until the server stops itself")
+    parser.add_argument("--parent", type=int, default=None, help="stop as soon as this process id is gone")
     args = parser.parse_args()
-    server = LatencyServer(args.latency, args.jitter, slots=args.slots, port=args.port, max_lifetime_s=args.lifetime)
+    server = LatencyServer(args.latency, args.jitter, seed=args.seed, slots=args.slots, port=args.port,
+                           max_lifetime_s=args.lifetime)
     print(server.base_url, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: server.close())
     try:
         while not server.closed:
+            if args.parent is not None and os.getppid() != args.parent:
+                break  # the process that started this one is gone: nobody will close it
             time.sleep(0.2)
     except KeyboardInterrupt:
         pass
