@@ -452,3 +452,79 @@ def test_both_caps_the_tighter_binds() -> None:
     plan = cache.plan(keys, torch.ones(10, 4, 4, dtype=torch.bool))
     assert plan.n_describe == 3 and plan.n_deferred == 7
     assert cache.settings()["calls_per_pair"] == 0.5 and cache.settings()["calls_per_epoch"] == 3
+
+
+# ---- reuse only while the text's mask stays close (reuse_min_iou) ----------------
+def test_reuse_min_iou_default_and_range() -> None:
+    assert cache_from_config({}).reuse_min_iou == 0.5
+    assert cache_from_config({"reuse_min_iou": 0}).reuse_min_iou == 0.0
+    with pytest.raises(ValueError):
+        MaskTextCache(PercentilePolicy(), reuse_min_iou=1.5)
+
+
+def _moved_but_not_selected(min_iou: float, **over) -> tuple[MaskTextCache, list[str], torch.Tensor]:
+    """Key 0 moved to IoU 0.25 with its text; key 1 moved more, so a q=0 percentile describes only key 1."""
+    cache = cache_from_config({"percentile": 0.0, "reuse_min_iou": min_iou, **over})
+    keys = ["a-1", "b-1", "c-1"]
+    cache.update(keys, stack(mask(0, 1, 2, 3), mask(4), mask(8)), ["ta", "tb", "tc"])
+    return cache, keys, stack(mask(0), mask(5), mask(8))  # IoU .25, 0, 1
+
+
+def test_stale_text_is_described_again_not_reused() -> None:
+    cache, keys, now = _moved_but_not_selected(0.5)
+    plan = cache.plan(keys, now)
+    assert plan.describe == [0, 1] and plan.reuse == [2] and plan.stale == [0, 1] and plan.withheld == []
+    old, _, _ = _moved_but_not_selected(0.0)  # 0: the text is reused however far its mask moved
+    plan = old.plan(keys, now)
+    assert plan.describe == [1] and plan.reuse == [0, 2] and plan.stale == []
+
+
+def test_stale_text_without_budget_carries_no_text() -> None:
+    cache, keys, now = _moved_but_not_selected(0.5, calls_per_epoch=1)
+    plan = cache.plan(keys, now, epoch=1)
+    assert plan.describe == [1]  # the budget goes to the key that moved most
+    assert plan.reuse == [2] and plan.withheld == [0] and 0 in plan.skipped
+    assert cache.epoch_calls == 1
+    # keys in flight are not described either, and a stale one is still not reused
+    cache2, _, _ = _moved_but_not_selected(0.5)
+    plan = cache2.plan(keys, now, exclude={"a-1"})
+    assert plan.describe == [1] and plan.withheld == [0] and plan.reuse == [2]
+
+
+def test_stale_check_uses_the_mask_the_text_describes() -> None:
+    """After a malformed answer the stored mask moved on, but the kept text still describes the old one."""
+    cache = cache_from_config({"policy": "budget", "redescribe_below_iou": 0.3, "reuse_min_iou": 0.5})
+    cache.update(["k-1"], stack(mask(0, 1, 2, 3)), ["about 0-3"])
+    cache.update(["k-1"], stack(mask(0)), [None])  # described again, unusable answer: text kept
+    assert torch.equal(cache.mask("k-1"), mask(0)) and torch.equal(cache.text_mask("k-1"), mask(0, 1, 2, 3))
+    plan = cache.plan(["k-1"], stack(mask(0)))  # unchanged since the failed attempt: not asked again ...
+    assert plan.describe == [] and plan.withheld == [0] and plan.reuse == []  # ... and the text is not used
+    plan = cache.plan(["k-1"], stack(mask(0, 1, 2)))  # text IoU .75: usable again
+    assert plan.reuse == [0] and plan.stale == []
+    cache.update(["k-1"], stack(mask(5)), ["about 5"])
+    assert torch.equal(cache.text_mask("k-1"), mask(5))
+    # the prefill records masks over a kept text in the same way
+    cache.record_masks(["k-1"], stack(mask(9)))
+    assert torch.equal(cache.text_mask("k-1"), mask(5)) and cache.text_mask("none-1") is None
+
+
+def test_described_masks_and_reuse_min_iou_survive_save_load(tmp_path) -> None:
+    cache = cache_from_config({"reuse_min_iou": 0.7})
+    cache.update(["a-1", "b-1"], stack(mask(0, 1), mask(2)), ["ta", "tb"])
+    cache.update(["a-1"], stack(mask(7, h=4, w=4)), [None])
+    cache.save(tmp_path / "c.pt")
+    loaded = MaskTextCache.load(tmp_path / "c.pt")
+    assert loaded.reuse_min_iou == 0.7
+    assert torch.equal(loaded.text_mask("a-1"), mask(0, 1)) and torch.equal(loaded.mask("a-1"), mask(7))
+    assert torch.equal(loaded.text_mask("b-1"), mask(2))
+    state = cache.state_dict()
+    del state["described"]  # an older file: every text describes its stored mask
+    old = ours()
+    old.load_state_dict(state)
+    assert torch.equal(old.text_mask("a-1"), mask(7))
+
+
+def test_without_reuse_nothing_is_stale() -> None:
+    cache, keys, now = _moved_but_not_selected(0.5, mode="original")
+    plan = cache.plan(keys, now)
+    assert plan.stale == [] and plan.reuse == []

@@ -208,3 +208,24 @@ def test_open_clip_refuses_missing_or_unsafe_weights(tiny_weights, tmp_path):
     torch.save({"state_dict": argparse.Namespace(a=1)}, pickled)  # needs full unpickling
     with pytest.raises(RuntimeError, match="cannot load checkpoint"):
         build_encoder(EncoderSettings.from_partial({"name": TINY, "weights": str(pickled)}))
+
+
+def test_padding_columns_are_cut_without_changing_embeddings(enc, monkeypatch):
+    """The tower sees only the batch's used token columns; the embeddings equal the full 77-column ones."""
+    texts = ["short", "The prediction misses the left half of the dog and adds a spurious region at the top.",
+             "a car", "the mask is too coarse along the boundary"]
+    widths: list[int] = []
+    tower = enc.model.encode_text
+    monkeypatch.setattr(enc.model, "encode_text", lambda tok, **kw: widths.append(tok.shape[1]) or tower(tok, **kw))
+    cut = enc._tower_text(texts)
+    monkeypatch.setattr(enc, "_padding_id", lambda: None)  # the full width, as before the cut
+    full = enc._tower_text(texts)
+    assert widths[1] == 77 and widths[0] == int((enc.tokenize(texts) != 0).sum(1).max()) < 40
+    assert torch.allclose(cut, full, atol=1e-5, rtol=0)
+
+
+def test_padding_cut_only_where_padding_is_masked(tiny_weights):
+    """A CLIP-style tower adds all 77 positions and pools by position: its tokens keep their width."""
+    root, _ = tiny_weights
+    tiny = build_encoder(EncoderSettings.from_partial({"name": TINY, "weights": str(root / "tiny.pt")}))
+    assert tiny._padding_id() is None

@@ -18,6 +18,12 @@ Either can be capped by a per-epoch call budget, in calls (`calls_per_epoch`)
 or in calls per (image, class) pair planned (`calls_per_pair`): the cache never
 plans more describer calls in an epoch than that, spends them on the keys that
 moved most, and spreads them over the epoch.
+
+Whatever the policy, a cached text is reused only while the mask it describes
+stays close to the current one (`reuse_min_iou`): a policy that leaves a moved
+key alone (the percentile keeps the batch's most-moved share; a budget defers)
+would otherwise train on a text about a different mask. Such a key is described
+again, or, when the budget forbids it, carries no text this step.
 """
 from __future__ import annotations
 
@@ -127,6 +133,9 @@ class CachePlan:
     mask trained on) and the epochs since the key was described or recorded
     (`NEVER` for a key the cache has not seen). `deferred`: positions the policy
     selected but the epoch's call budget did not allow (they reuse or skip).
+    `stale`: positions whose cached text describes a mask with IoU below
+    `reuse_min_iou` against the current one; they are never reused, so those not in
+    `describe` are in `skipped` and carry no text this step (`withheld`).
     """
 
     describe: list[int]
@@ -137,6 +146,13 @@ class CachePlan:
     deferred: list[int] = field(default_factory=list)
     iou: list[float] = field(default_factory=list)
     age: list[int] = field(default_factory=list)
+    stale: list[int] = field(default_factory=list)
+
+    @property
+    def withheld(self) -> list[int]:
+        """Stale positions not described now: they have a text but may not use it."""
+        described = set(self.describe)
+        return [i for i in self.stale if i not in described]
 
     @property
     def n_describe(self) -> int:
@@ -162,6 +178,11 @@ def _pack(masks: torch.Tensor) -> list[np.ndarray]:
     return [row.copy() for row in packed]
 
 
+def _unpack(entry: tuple[np.ndarray, tuple[int, int]]) -> torch.Tensor:
+    packed, (h, w) = entry
+    return torch.from_numpy(np.unpackbits(packed, count=h * w).reshape(h, w).astype(bool))
+
+
 def _check_masks(keys: list[str], masks: torch.Tensor) -> None:
     if masks.dtype != torch.bool or masks.dim() != 3:
         raise TypeError(f"masks must be a bool [K,H,W] tensor, got {masks.dtype} {tuple(masks.shape)}")
@@ -170,12 +191,19 @@ def _check_masks(keys: list[str], masks: torch.Tensor) -> None:
 
 
 class MaskTextCache:
-    """key "{uid}-{c}" -> (last described or recorded PR mask, its text or None, the epoch it was stored).
+    """key -> (last described or recorded PR mask, its text or None, the epoch it was stored).
 
-    Epochs: the caller says which epoch a plan belongs to (`plan(..., epoch=e)` or
-    `start_epoch(e)`); without that the cache stays in the epoch it was last told
-    (0 at first). They matter for `max_text_age_epochs` and for the budget, which
-    is counted per epoch of this cache.
+    Keys are `ttdl.text.textbatch.text_key`s: "{uid}-{c}", or "{uid}~flip-{c}" for
+    the flipped view. Epochs: the caller says which epoch a plan belongs to
+    (`plan(..., epoch=e)` or `start_epoch(e)`); without that the cache stays in the
+    epoch it was last told (0 at first). They matter for `max_text_age_epochs` and
+    for the budget, which is counted per epoch of this cache.
+
+    The stored mask is what the policy compares against; the text may describe an
+    older mask (a malformed answer or a prefill stores a new mask and keeps the
+    text). For those keys the mask the text describes is kept as well, because
+    reuse (`reuse_min_iou`) and the logged staleness must judge the text by the
+    mask it was written for.
     """
 
     def __init__(
@@ -185,6 +213,7 @@ class MaskTextCache:
         empty_vs_empty: float = 1.0,
         calls_per_epoch: int | None = None,
         calls_per_pair: float | None = None,
+        reuse_min_iou: float = 0.0,
     ) -> None:
         if calls_per_epoch is not None and calls_per_epoch < 0:
             raise ValueError(f"calls_per_epoch must be >= 0 (or None), got {calls_per_epoch}")
@@ -195,8 +224,13 @@ class MaskTextCache:
         self.empty_vs_empty = float(empty_vs_empty)
         self.calls_per_epoch = None if calls_per_epoch is None else int(calls_per_epoch)
         self.calls_per_pair = None if calls_per_pair is None else float(calls_per_pair)
+        if not 0.0 <= reuse_min_iou <= 1.0:
+            raise ValueError(f"reuse_min_iou must lie in [0, 1], got {reuse_min_iou}")
+        self.reuse_min_iou = float(reuse_min_iou)  # 0: a cached text is reused however far its mask moved
         self._masks: dict[str, tuple[np.ndarray, tuple[int, int]]] = {}
         self._texts: dict[str, str] = {}
+        # keys whose text describes another mask than the stored one -> the mask the text describes
+        self._described: dict[str, tuple[np.ndarray, tuple[int, int]]] = {}
         self._stamps: dict[str, int] = {}  # epoch in which the stored mask was described or recorded
         self.provenance: dict[str, Any] = {}  # what produced the entries (ttdl.core.provenance.for_cache)
         self.epoch = 0
@@ -217,10 +251,13 @@ class MaskTextCache:
     def mask(self, key: str) -> torch.Tensor | None:
         """Unpacked cached mask (for inspection and tests)."""
         entry = self._masks.get(key)
-        if entry is None:
+        return None if entry is None else _unpack(entry)
+
+    def text_mask(self, key: str) -> torch.Tensor | None:
+        """The mask the key's cached text describes (None without a text); staleness is measured on it."""
+        if key not in self._texts:
             return None
-        packed, (h, w) = entry
-        return torch.from_numpy(np.unpackbits(packed, count=h * w).reshape(h, w).astype(bool))
+        return _unpack(self._described.get(key) or self._masks[key])
 
     def stamp(self, key: str) -> int | None:
         """The epoch in which the key's mask was last described or recorded."""
@@ -279,6 +316,29 @@ class MaskTextCache:
             age[seen] = torch.tensor([max(0, self.epoch - self._stamps.get(keys[i], 0)) for i in seen])
         return iou, age, k - len(seen)
 
+    def _stale(self, keys: list[str], masks: torch.Tensor, iou: torch.Tensor) -> tuple[list[bool], list[bool]]:
+        """Per key: its text describes a mask with IoU < reuse_min_iou against the current one (stale),
+        and that text is not about the stored mask (diverged: the last description of the stored mask failed)."""
+        k, h, w = masks.shape
+        stale, diverged = [False] * k, [False] * k
+        if not self.reuse_min_iou or not self.reuse_cached_text:  # nothing is reused: nothing is served stale
+            return stale, diverged
+        iou_list = iou.cpu().tolist()
+        for i, key in enumerate(keys):
+            if key not in self._texts:
+                continue
+            described = self._described.get(key)
+            if described is None:
+                text_iou = iou_list[i]
+            else:
+                diverged[i] = True
+                text_iou = 0.0
+                if described[1] == (h, w):
+                    old = _unpack(described).to(masks.device)[None]
+                    text_iou = float(batch_iou(old, masks[i:i + 1], self.empty_vs_empty)[0])
+            stale[i] = text_iou < self.reuse_min_iou
+        return stale, diverged
+
     def plan(self, keys: list[str], masks: torch.Tensor, epoch: int | None = None,
              exclude: Collection[str] | None = None) -> CachePlan:
         """Decide which keys to describe and which cached texts to reuse (the objective counts the calls).
@@ -288,12 +348,21 @@ class MaskTextCache:
         exclude: keys that must not be described now (e.g. already in flight); they
         reuse or skip like unselected keys and cost no budget. Every key of
         `describe` is charged to the epoch's budget here, at planning time.
+
+        A key with a stale text (see `reuse_min_iou`) is described even when the policy
+        leaves it alone; it competes for the budget like any other (its low IoU ranks
+        it early). Not when its stored mask is not the text's (its description failed, or
+        a prefill recorded it): asking again about that mask would most likely fail the
+        same way, so it waits for its mask to move (the policy's call) and meanwhile
+        carries no text.
         """
         _check_masks(keys, masks)
         if epoch is not None:
             self.start_epoch(epoch)
         iou, age, n_unseen = self._cached_iou(keys, masks)
         selected = self.policy.select(iou, age).cpu()
+        stale, diverged = self._stale(keys, masks, iou)
+        selected |= torch.tensor([s and not d for s, d in zip(stale, diverged)], dtype=torch.bool)
         if exclude:
             selected &= torch.tensor([key not in exclude for key in keys], dtype=torch.bool)
         candidates = selected.nonzero().flatten().tolist()
@@ -310,7 +379,7 @@ class MaskTextCache:
         chosen = set(describe)
         rest = [i for i in range(len(keys)) if i not in chosen]
         if self.reuse_cached_text:
-            reuse = [i for i in rest if keys[i] in self._texts]
+            reuse = [i for i in rest if keys[i] in self._texts and not stale[i]]
         else:  # original: keys not re-described drop out of the aux loss
             reuse = []
         reused = set(reuse)
@@ -318,7 +387,8 @@ class MaskTextCache:
         self.epoch_calls += len(describe)
         self.epoch_pairs += len(keys)
         return CachePlan(describe=describe, reuse=reuse, n_keys=len(keys), n_unseen=n_unseen, skipped=skipped,
-                         deferred=deferred, iou=iou.cpu().tolist(), age=age.tolist())
+                         deferred=deferred, iou=iou.cpu().tolist(), age=age.tolist(),
+                         stale=[i for i, s in enumerate(stale) if s])
 
     # ---- updates -------------------------------------------------------
     def update(self, keys: list[str], masks: torch.Tensor, texts: list[str | None]) -> None:
@@ -335,16 +405,25 @@ class MaskTextCache:
             raise ValueError(f"{len(keys)} keys but {len(texts)} texts")
         shape = (int(masks.shape[1]), int(masks.shape[2]))
         for key, row, text in zip(keys, _pack(masks), texts):
+            if text is None:
+                self._keep_described(key)
+            else:
+                self._texts[key] = text
+                self._described.pop(key, None)
             self._masks[key] = (row, shape)
             self._stamps[key] = self.epoch
-            if text is not None:
-                self._texts[key] = text
+
+    def _keep_described(self, key: str) -> None:
+        """Before the stored mask of a key with text is replaced without a new text: keep the text's mask."""
+        if key in self._texts and key not in self._described:
+            self._described[key] = self._masks[key]
 
     def record_masks(self, keys: list[str], masks: torch.Tensor) -> None:
         """Prefill: remember masks without describing them; existing texts stay."""
         _check_masks(keys, masks)
         shape = (int(masks.shape[1]), int(masks.shape[2]))
         for key, row in zip(keys, _pack(masks)):
+            self._keep_described(key)
             self._masks[key] = (row, shape)
             self._stamps[key] = self.epoch
 
@@ -357,7 +436,8 @@ class MaskTextCache:
         return self.policy.settings() | {"empty_vs_empty": self.empty_vs_empty,
                                          "reuse_cached_text": self.reuse_cached_text,
                                          "calls_per_epoch": self.calls_per_epoch,
-                                         "calls_per_pair": self.calls_per_pair}
+                                         "calls_per_pair": self.calls_per_pair,
+                                         "reuse_min_iou": self.reuse_min_iou}
 
     def state_dict(self) -> dict[str, Any]:
         """Plain tensors/lists/dicts only, so torch.load(weights_only=True) reads it.
@@ -371,6 +451,7 @@ class MaskTextCache:
         rows = [self._masks[k][0] for k in keys]
         packed = np.concatenate(rows) if rows else np.zeros(0, dtype=np.uint8)
         shapes = torch.tensor([list(self._masks[k][1]) for k in keys], dtype=torch.int64).reshape(-1, 2)
+        described = list(self._described)
         return {
             "format": FORMAT,
             "version": VERSION,
@@ -379,6 +460,13 @@ class MaskTextCache:
             "packed": torch.from_numpy(packed),
             "texts": dict(self._texts),
             "stamps": torch.tensor([self._stamps.get(k, 0) for k in keys], dtype=torch.int64),
+            "described": {  # the masks of texts that describe an older mask than the stored one
+                "keys": described,
+                "shapes": torch.tensor([list(self._described[k][1]) for k in described],
+                                       dtype=torch.int64).reshape(-1, 2),
+                "packed": torch.from_numpy(np.concatenate([self._described[k][0] for k in described])
+                                           if described else np.zeros(0, dtype=np.uint8)),
+            },
             "epoch_state": {"epoch": self.epoch, "calls": self.epoch_calls, "pairs": self.epoch_pairs,
                             "last_epoch_pairs": self.last_epoch_pairs},
             "config": self.settings(),
@@ -388,24 +476,22 @@ class MaskTextCache:
     def load_state_dict(self, d: dict[str, Any], source: str = "state dict") -> None:
         """Replace the entries and the epoch counters; `source` names the file in errors.
 
-        Files without epoch stamps (older caches) load with every entry stamped epoch 0.
+        Files without epoch stamps (older caches) load with every entry stamped epoch 0;
+        files without "described" masks take every text to describe its stored mask.
         """
         _check_state(d, source)
         keys: list[str] = list(d["keys"])
         shapes = d["shapes"].tolist()
         packed = d["packed"].numpy()
-        sizes = [(h * w + 7) // 8 for h, w in shapes]
         stamps = d["stamps"].tolist() if "stamps" in d else [0] * len(keys)
-        if len(shapes) != len(keys) or sum(sizes) != packed.size or len(stamps) != len(keys):
-            raise ValueError(f"{source}: mask-text cache is inconsistent ({len(keys)} keys, "
-                             f"{len(shapes)} shapes, {len(stamps)} stamps, {packed.size} packed bytes)")
-        masks: dict[str, tuple[np.ndarray, tuple[int, int]]] = {}
-        offset = 0
-        for key, (h, w), n in zip(keys, shapes, sizes):
-            masks[key] = (packed[offset:offset + n].copy(), (int(h), int(w)))
-            offset += n
-        self._masks = masks
+        if len(stamps) != len(keys):
+            raise ValueError(f"{source}: mask-text cache is inconsistent ({len(keys)} keys, {len(stamps)} stamps)")
+        self._masks = _unpacked_entries(keys, shapes, packed, source)
         self._texts = {str(k): str(v) for k, v in d["texts"].items()}
+        described = d.get("described") or {"keys": [], "shapes": torch.zeros(0, 2), "packed": torch.zeros(0)}
+        self._described = {key: entry for key, entry in _unpacked_entries(
+            list(described["keys"]), described["shapes"].tolist(), described["packed"].numpy(), source).items()
+            if key in self._texts}
         self._stamps = {key: int(s) for key, s in zip(keys, stamps)}
         self.provenance = dict(d.get("provenance") or {})
         counters = d.get("epoch_state") or {}
@@ -434,9 +520,25 @@ class MaskTextCache:
         kwargs.setdefault("empty_vs_empty", stored.get("empty_vs_empty", 1.0))
         kwargs.setdefault("calls_per_epoch", stored.get("calls_per_epoch"))
         kwargs.setdefault("calls_per_pair", stored.get("calls_per_pair"))
+        kwargs.setdefault("reuse_min_iou", stored.get("reuse_min_iou", 0.0))
         cache = cls(**kwargs)
         cache.load_state_dict(d, source=str(path))
         return cache
+
+
+def _unpacked_entries(keys: list[str], shapes: list[list[int]], packed: np.ndarray,
+                      source: str) -> dict[str, tuple[np.ndarray, tuple[int, int]]]:
+    """Split a state's concatenated packed masks into one entry per key."""
+    sizes = [(int(h) * int(w) + 7) // 8 for h, w in shapes]
+    if len(shapes) != len(keys) or sum(sizes) != packed.size:
+        raise ValueError(f"{source}: mask-text cache is inconsistent ({len(keys)} keys, "
+                         f"{len(shapes)} shapes, {packed.size} packed bytes)")
+    entries: dict[str, tuple[np.ndarray, tuple[int, int]]] = {}
+    offset = 0
+    for key, (h, w), n in zip(keys, shapes, sizes):
+        entries[key] = (packed[offset:offset + n].copy(), (int(h), int(w)))
+        offset += n
+    return entries
 
 
 def _check_state(d: Any, source: str) -> None:
@@ -452,7 +554,7 @@ def cache_from_settings(settings: CacheSettings) -> MaskTextCache:
 
     `mode` picks the flags (skip_unchanged, empty_vs_empty, reuse_cached_text),
     explicit keys override them; `policy` picks percentile or budget; the call
-    budgets (calls_per_epoch, calls_per_pair) apply to either.
+    budgets (calls_per_epoch, calls_per_pair) and `reuse_min_iou` apply to either.
     """
     opts = dict(_MODES[settings.mode])
     for name in opts:
@@ -471,4 +573,5 @@ def cache_from_settings(settings: CacheSettings) -> MaskTextCache:
         empty_vs_empty=float(opts["empty_vs_empty"]),
         calls_per_epoch=settings.calls_per_epoch,
         calls_per_pair=settings.calls_per_pair,
+        reuse_min_iou=settings.reuse_min_iou,
     )

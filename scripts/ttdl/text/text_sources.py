@@ -45,7 +45,7 @@ class Counters:
     texts: int = 0
     answer_words: int = 0  # words of the usable fresh answers (answer statistics)
     wait_s: float = 0.0  # seconds a step was blocked on the describer
-    missing: int = 0  # pairs left without text (background: no text yet, or too old)
+    missing: int = 0  # pairs left without text (background: no text yet, or too old; any: text withheld as stale)
     stale_n: int = 0  # texts whose staleness was measured ...
     stale_age_steps: int = 0  # ... summed age in steps of the mask each describes
     stale_iou: float = 0.0  # ... summed IoU between the mask each describes and the mask trained on
@@ -114,6 +114,12 @@ class DescriberTexts:
     changed keys that are not already in flight, and never waits; each pair uses the
     freshest text the cache has within `max_staleness_steps`. Answers of an in-process
     describer (rules) complete at submit, so every schedule is reproducible with it.
+    On every schedule a text whose mask moved too far (`cache.reuse_min_iou`) is not
+    used; the pair is counted in `missing`.
+
+    The owner calls `start_epoch(epoch)` at each epoch's start (train and val sources
+    alike): the cache's per-epoch budget and text ages count in those epochs, and
+    `epoch_latency_logs` covers the describer requests since then.
     """
 
     def __init__(self, describer, cache: MaskTextCache, class_names: list[str], schedule: str = "sync",
@@ -129,6 +135,30 @@ class DescriberTexts:
         self.born: dict[str, int] = {}  # key -> step at which the mask its cached text describes was sent
         self.pending: dict[tuple[str, ...], InFlight] = {}  # lookahead: requests by the batch they are for
         self.queue: list[InFlight] = []  # background: requests in submission order
+        self.deferred_prefetch: TextBatch | None = None  # lookahead: a next batch to send after this step's own
+        self.latency_mark = self._latency_count()  # describer requests recorded before this epoch
+
+    # -- epochs --
+    def start_epoch(self, epoch: int) -> None:
+        """Enter `epoch`: the cache's call budget starts afresh and its text ages advance (so
+        `max_text_age_epochs` re-describes); latency percentiles start a new window."""
+        self.cache.start_epoch(epoch)
+        self.latency_mark = self._latency_count()
+
+    def _latency_count(self) -> int:
+        stats = getattr(self.describer, "stats", None)
+        return stats.latency_count() if stats is not None else 0
+
+    def epoch_latency_logs(self) -> dict:
+        """p50/p95 seconds of the describer's requests since `start_epoch`, for the epoch's row.
+
+        Per request (one (image, class) pair), retries included; where the describer is
+        shared (train and val sources) the window holds both sources' requests.
+        """
+        stats = getattr(self.describer, "stats", None)
+        window = stats.latency_percentiles(since=self.latency_mark) if stats is not None else {}
+        return {"describer_latency_p50_s": window.get("latency_p50_s"),
+                "describer_latency_p95_s": window.get("latency_p95_s")}
 
     # -- the three schedules --
     def __call__(self, tb: TextBatch, counters: Counters) -> TextItems:
@@ -141,7 +171,18 @@ class DescriberTexts:
         return items
 
     def prefetch(self, tb: TextBatch) -> None:
-        """lookahead: plan the next batch now and send its requests."""
+        """lookahead: plan the next batch now and send its requests.
+
+        With nothing prefetched for the current step (an epoch's first step) the next
+        batch waits until the current one's requests are out: sent first, they would
+        queue ahead of the requests this very step waits for.
+        """
+        if not self.pending:
+            self.deferred_prefetch = tb
+            return
+        self._prefetch_now(tb)
+
+    def _prefetch_now(self, tb: TextBatch) -> None:
         masks = tb.pr_masks()
         plan = self.cache.plan(tb.keys, masks)
         self.pending[tuple(tb.keys)] = self._send(tb, plan.describe, masks, plan=plan)
@@ -177,6 +218,9 @@ class DescriberTexts:
         else:  # not prefetched (the first step of an epoch, or predicted classes changed the keys)
             plan = self.cache.plan(tb.keys, masks)
             sent = self._send(tb, plan.describe, masks, plan=plan) if plan.describe else None
+        if self.deferred_prefetch is not None:  # lookahead's first step: the next batch goes out after ours
+            upcoming, self.deferred_prefetch = self.deferred_prefetch, None
+            self._prefetch_now(upcoming)
         answers = self._receive(sent, counters) if sent is not None else []
         counters.latency_s += time.monotonic() - started
         items = TextItems()
@@ -187,22 +231,24 @@ class DescriberTexts:
             items.add(position, self.cache.text(tb.keys[position]), fresh=False)
         counters.calls += len(plan.describe)
         counters.reused += len(plan.reuse)
+        counters.missing += len(plan.withheld)
         self._staleness(tb, masks, items, counters)
         return items
 
     def _background(self, tb: TextBatch, masks: Tensor, counters: Counters) -> TextItems:
         while self.queue and self.queue[0].future.done():  # harvest in submission order, never wait
             self._receive(self.queue.pop(0), counters)
-        plan = self.cache.plan(tb.keys, masks)
         flying = {key for sent in self.queue for key in sent.keys}
-        new = [p for p in plan.describe if tb.keys[p] not in flying]
-        if new:
-            self.queue.append(self._send(tb, new, masks))
-        counters.calls += len(new)
+        plan = self.cache.plan(tb.keys, masks, exclude=flying)  # keys in flight are neither sent nor charged again
+        if plan.describe:
+            self.queue.append(self._send(tb, plan.describe, masks))
+        counters.calls += len(plan.describe)
+        stale = set(plan.stale)  # described now or not: the cached text is about another mask
         items = TextItems()
         for position, key in enumerate(tb.keys):
             text = self.cache.text(key)
-            if text is not None and self.step - self.born.get(key, self.step) <= self.max_staleness:
+            if (text is not None and position not in stale
+                    and self.step - self.born.get(key, self.step) <= self.max_staleness):
                 items.add(position, text, fresh=False)
             else:
                 counters.missing += 1
@@ -211,14 +257,25 @@ class DescriberTexts:
         return items
 
     def _staleness(self, tb: TextBatch, masks: Tensor, items: TextItems, counters: Counters) -> None:
-        """Age (steps) and IoU between the mask each used text describes and the mask trained on."""
-        if not items.positions:
+        """Age (steps) and IoU between the mask each used text describes and the mask trained on.
+
+        Every schedule logs it, sync included (its fresh texts score 1 and age 0, its
+        reused ones show how far their masks moved). The mask is the one the text was
+        written for (`cache.text_mask`), not a later one stored after a failed answer.
+        """
+        shape = tuple(masks.shape[-2:])
+        positions, described = [], []
+        for p in items.positions:
+            m = self.cache.text_mask(tb.keys[p])
+            if m is not None and tuple(m.shape) == shape:  # a text from other describer settings: not comparable
+                positions.append(p)
+                described.append(m)
+        if not positions:
             return
-        described = torch.stack([self.cache.mask(tb.keys[p]) for p in items.positions])
-        iou = batch_iou(described, masks[items.positions].cpu(), empty_vs_empty=1.0)
-        counters.stale_n += len(items.positions)
+        iou = batch_iou(torch.stack(described), masks[positions].cpu(), empty_vs_empty=1.0)
+        counters.stale_n += len(positions)
         counters.stale_iou += float(iou.sum())
-        counters.stale_age_steps += sum(self.step - self.born.get(tb.keys[p], self.step) for p in items.positions)
+        counters.stale_age_steps += sum(self.step - self.born.get(tb.keys[p], self.step) for p in positions)
 
     # -- state --
     def state_dict(self) -> dict:

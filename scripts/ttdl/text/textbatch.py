@@ -2,9 +2,16 @@
 
 Shared by the text objectives, the cache prefill and the encoder-adaptation
 data collection, so that all three agree on keys, classes and describer views.
+
+Keys name the *view*, not just the image: "{uid}-{c}" for the image as stored and
+"{uid}~flip-{c}" for its horizontally flipped view (train.hflip). A text says
+"left" and "right" about the view it was written for, so a flipped view must
+never reuse a text written for the other one, and the mask-text cache keeps the
+two apart by key.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +29,7 @@ class TextBatch:
     pr: torch.Tensor            # [N,s,s] predicted class ids
     rows: list[int]             # batch row of each pair
     classes: list[int]          # class of each pair
-    keys: list[str]             # "{uid}-{c}"
+    keys: list[str]             # text_key(uid, c, flipped): "{uid}-{c}" or "{uid}~flip-{c}"
 
     def pr_masks(self, positions: list[int] | None = None) -> torch.Tensor:
         """Binary predicted masks [K,s,s] of the pairs (all, or those at `positions`)."""
@@ -52,9 +59,40 @@ def significant_classes(gt: torch.Tensor, pr: torch.Tensor | None, num_classes: 
     return classes
 
 
+FLIP_MARK = "~flip"  # in a key, after the uid: the pair belongs to the horizontally flipped view
+
+
+def text_key(uid: str, class_index: int, flipped: bool = False) -> str:
+    """The cache key of (view, class): the flipped view of an image has keys of its own (see the module doc)."""
+    return f"{uid}{FLIP_MARK if flipped else ''}-{class_index}"
+
+
+def split_key(key: str) -> tuple[str, int, bool]:
+    """(uid, class index, flipped) of a `text_key`; the inverse, for code that groups keys by image.
+
+    (A uid that itself ends in "~flip" would read as flipped; dataset uids do not.)
+    """
+    view, _, class_index = key.rpartition("-")
+    uid = view.removesuffix(FLIP_MARK)
+    return uid, int(class_index), uid != view
+
+
 def build_text_batch(uids: list[str], images: torch.Tensor, gt: torch.Tensor, pr: torch.Tensor, *,
                      size: int, num_classes: int, ignore_index: int,
-                     include_predicted: bool = False) -> TextBatch:
+                     include_predicted: bool = False,
+                     flipped: Sequence[bool] | torch.Tensor | None = None) -> TextBatch:
+    """The batch's significant pairs at describer size.
+
+    flipped: per row, whether the row is the horizontally flipped view (the loader's
+    batch["flipped"]); it puts the flipped rows under keys of their own. None: every
+    row is keyed as the image as stored (callers without augmentation).
+    """
+    if flipped is None:
+        flips = [False] * len(uids)
+    else:
+        flips = [bool(f) for f in (flipped.tolist() if isinstance(flipped, torch.Tensor) else flipped)]
+        if len(flips) != len(uids):
+            raise ValueError(f"{len(uids)} uids but {len(flips)} flipped flags")
     with torch.no_grad():  # resized where the batch is (a GPU), then only the small views move to the CPU
         small_images, small_gt, small_pr = resize_for_describer(images.detach().float(), gt, pr, size)
         small_images, small_gt, small_pr = small_images.cpu(), small_gt.cpu(), small_pr.cpu()
@@ -63,5 +101,5 @@ def build_text_batch(uids: list[str], images: torch.Tensor, gt: torch.Tensor, pr
         for c in significant_classes(small_gt[row], small_pr[row], num_classes, ignore_index, include_predicted):
             rows.append(row)
             classes.append(c)
-            keys.append(f"{uid}-{c}")
+            keys.append(text_key(uid, c, flips[row]))
     return TextBatch(small_images, small_gt, small_pr, rows, classes, keys)
