@@ -57,6 +57,43 @@ def test_synthetic_descriptions_ignore_void():
     assert texts[2] == synthetic_description("cat", False, True, False, False)
 
 
+def test_stray_pixels_are_no_fp_or_fn():
+    """FP/FN count only from the describer's negligible size on: 5 % of the object, or of 1 % of the image."""
+    gt = torch.zeros(64, 64, dtype=torch.bool)
+    gt[10:30, 10:30] = True  # 400 px: FP/FN need 20 px
+    pr = gt.clone()
+    pr[50, 50] = True
+    pr[40:42, 40:45] = True  # 11 stray px in two specks
+    pr[10, 10:19] = False  # 9 px missed
+    assert region_presence(gt, pr) == (True, True, True, True)  # counting single pixels, as before
+    assert region_presence(gt, pr, negligible_fraction=0.05) == (True, True, False, False)
+    pr[45:48, 45:48] = True  # 20 stray px in all
+    pr[11, 10:21] = False  # 20 missed in all
+    assert region_presence(gt, pr, negligible_fraction=0.05) == (True, True, True, True)
+    # no object: 1 % of the 4096-px image is the reference, so FP needs 0.05 * 40.96 = 2.05 px
+    empty = torch.zeros_like(gt)
+    speck = empty.clone()
+    speck[0, 0:2] = True
+    assert region_presence(empty, speck, negligible_fraction=0.05) == (False, True, False, False)
+    speck[0, 2] = True
+    assert region_presence(empty, speck, negligible_fraction=0.05) == (False, True, True, False)
+
+
+def test_synthetic_descriptions_ignore_negligible_errors_by_default():
+    names = ["background", "cat"]
+    gt = torch.zeros(1, 32, 32, dtype=torch.long)
+    gt[0, 8:24, 8:24] = 1  # 256 px: FP/FN need 12.8 px
+    pr = gt.clone()
+    pr[0, 0, 0] = 1  # one stray pixel
+    pr[0, 8, 8] = 0  # one missed pixel
+    correct = synthetic_description("cat", True, True, False, False)
+    assert synthetic_descriptions(gt, pr, [(0, 1)], names) == [correct]
+    assert synthetic_descriptions(gt, pr, [(0, 1)], names, negligible_fraction=0.0) == [
+        synthetic_description("cat", True, True, True, True)]
+    pr[0, 0, :13] = 1  # 13 stray pixels
+    assert synthetic_descriptions(gt, pr, [(0, 1)], names) == [synthetic_description("cat", True, True, True, False)]
+
+
 DESCRIPTION = (
     "The prediction of the DOG region is incomplete on the left; a small spurious "
     "CAT region was hallucinated at the top-right corner."

@@ -19,6 +19,9 @@ from ttdl.core.settings import DataSettings, DescriberSettings
 # timeouts and concurrency do not, so a cache may move between servers).
 DESCRIBER_TEXT_KEYS = ("backend", "model", "image_size", "seed", "negligible_fraction", "analysis_size",
                        "max_words", "temperature", "max_tokens", "send_images", "num_ctx")
+# The rules describer's wording version (ttdl.text.describers.rules): a cache of older wording is refused.
+# 2: errors placed by their extent over a 3x3 grid, shifts named with their direction.
+RULES_DESCRIBER_VERSION = 2
 DATASET_FILES = ("ImageSets/Segmentation/train.txt", "ImageSets/Segmentation/val.txt", "classes.txt")
 
 
@@ -45,6 +48,8 @@ def describer_fingerprint(describer: DescriberSettings) -> dict:
     template = Path(describer.prompt_template)
     if describer.backend != "rules" and template.is_file():  # the rules describer reads no prompt
         settings["prompt"] = hashlib.sha256(template.read_bytes()).hexdigest()[:16]
+    if describer.backend == "rules":
+        settings["rules_version"] = RULES_DESCRIBER_VERSION
     return {"backend": describer.backend, "model": describer.model, "settings": _digest(settings)}
 
 

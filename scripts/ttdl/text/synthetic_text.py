@@ -13,6 +13,11 @@ import re
 import torch
 from torch import Tensor
 
+from ttdl.text.describers.rules import negligible_area
+
+# describer.negligible_fraction's default: a stray FP/FN pixel is no "spurious"/"missed" region
+NEGLIGIBLE_FRACTION = 0.05
+
 POSITIONS = ("top", "bottom", "left", "right", "center", "middle", "upper", "lower", "corner", "edge")
 ERROR_KINDS = (
     "incomplete",
@@ -62,13 +67,22 @@ _TEMPLATES: dict[tuple[bool, bool, bool, bool], str] = {
 
 
 def region_presence(
-    gt: Tensor, pr: Tensor, min_pixels: int = 1, valid: Tensor | None = None
+    gt: Tensor, pr: Tensor, min_pixels: int = 1, valid: Tensor | None = None, negligible_fraction: float = 0.0
 ) -> tuple[bool, bool, bool, bool]:
-    """Which of (TP, TN, FP, FN) cover at least `min_pixels` valid pixels."""
+    """Which of (TP, TN, FP, FN) cover at least `min_pixels` valid pixels.
+
+    FP and FN must also reach the rules describer's negligible size
+    (`negligible_fraction` of the object, or of 1 % of the valid image when the
+    object is tiny or absent): otherwise a few stray pixels put most pairs in
+    the all-four-present template and the templates stop telling pairs apart.
+    """
     gt, pr = gt.bool(), pr.bool()
     ok = torch.ones_like(gt) if valid is None else valid.bool()
-    regions = (gt & pr, ~gt & ~pr, ~gt & pr, gt & ~pr)
-    tp, tn, fp, fn = (int((r & ok).sum()) >= min_pixels for r in regions)
+    gt = gt & ok
+    counts = [int((r & ok).sum()) for r in (gt & pr, ~gt & ~pr, ~gt & pr, gt & ~pr)]
+    error_min = max(float(min_pixels), negligible_area(int(gt.sum()), int(ok.sum()), negligible_fraction))
+    tp, tn = (n >= min_pixels for n in counts[:2])
+    fp, fn = (n >= error_min for n in counts[2:])
     return tp, tn, fp, fn
 
 
@@ -83,12 +97,16 @@ def synthetic_descriptions(
     class_names: list[str],
     ignore_index: int = 255,
     min_pixels: int = 1,
+    negligible_fraction: float = NEGLIGIBLE_FRACTION,
 ) -> list[str]:
-    """One template text per (batch row, class) pair; void GT pixels count as neither."""
+    """One template text per (batch row, class) pair; void GT pixels count as neither.
+
+    FP/FN below the negligible size count as absent (see `region_presence`).
+    """
     texts = []
     for row, c in pairs:
         valid = gt[row] != ignore_index
-        presence = region_presence(gt[row] == c, pr[row] == c, min_pixels, valid)
+        presence = region_presence(gt[row] == c, pr[row] == c, min_pixels, valid, negligible_fraction)
         texts.append(synthetic_description(class_names[c], *presence))
     return texts
 
