@@ -19,10 +19,14 @@ def main() -> None:
     log = setup_logging()
     job = AdaptationJob.from_dict(json.loads(args.run_json))
     metrics = run_adaptation_job(job, args.weights, args.out, log=log.info, encoder_path=args.encoder)
-    after = metrics["after"] or {}
-    nan = float("nan")
-    log.info("held-out retrieval after adaptation: i2t %.3f t2i %.3f (chance %.3f)",
-             after.get("i2t_top1", nan), after.get("t2i_top1", nan), after.get("chance", nan))
+    retrieval = metrics.get("retrieval")
+    if retrieval is None:
+        log.info("no held-out split (val_fraction 0): retrieval not measured; text runs will refuse this encoder")
+    else:
+        log.info("held-out top-1 (mean of i2t, t2i) %.3f = %.2fx chance %.4f (binomial p %.2g); "
+                 "logit scale %.3f -> %.3f, bias %.3f -> %.3f", retrieval["mean_top1"], retrieval["over_chance"],
+                 retrieval["chance"], retrieval["p_value"], metrics["logit_scale_before"], metrics["logit_scale"],
+                 metrics["logit_bias_before"], metrics["logit_bias"])
 
 
 if __name__ == "__main__":

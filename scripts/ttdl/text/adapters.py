@@ -13,8 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ttdl.core import io
+from ttdl.core.losses import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
 
-CONCAT_FORMAT = "ttdl-concat-adapter/1"
+CONCAT_FORMAT = "ttdl-concat-adapter/2"  # /2: the file states its input/output norms, scale and bias
+CONCAT_FORMATS_READ = ("ttdl-concat-adapter/1", CONCAT_FORMAT)
+CONCAT_NORMS = ("l2", "none")
 
 
 class GapLinear(nn.Module):
@@ -61,36 +64,76 @@ class ConcatAdapter(nn.Module):
     Starts as the mean of both halves, 0.5*(a + b): an untrained adapter
     already lands in the joint text space, so training only has to learn how
     to weigh and mix the two embeddings.
+
+    Its training contract travels with it, because a frozen map is only right
+    on inputs like the ones it was fitted on: vle/2 fed it two unit (L2-normalised)
+    image embeddings and scored the L2-normalised output against unit text
+    embeddings with logits exp(logit_scale)*cos + logit_bias. `fuse(a, b)` is
+    that whole image side; `prepare` is its input step alone; `forward` is the
+    bare linear map (no normalisation), for callers that normalise themselves.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, *, input_norm: str = "l2", output_norm: str = "l2",
+                 logit_scale: float = SIGLIP_INIT_LOGIT_SCALE, logit_bias: float = SIGLIP_INIT_LOGIT_BIAS) -> None:
         super().__init__()
+        for name, value in (("input_norm", input_norm), ("output_norm", output_norm)):
+            if value not in CONCAT_NORMS:
+                raise ValueError(f"ConcatAdapter {name} must be one of {CONCAT_NORMS}, got {value!r}")
         self.dim = dim
-        self.meta: dict = {}  # what vle/2 stored beside the weights (encoder name, learned scale/bias)
+        self.input_norm = input_norm    # how each of a, b was normalised in training
+        self.output_norm = output_norm  # how the output was normalised before the logits
+        self.logit_scale = float(logit_scale)  # log temperature learned with it (logits use its exp)
+        self.logit_bias = float(logit_bias)
+        self.meta: dict = {}  # what vle/2 stored beside the weights (encoder name, metrics...)
         self.linear = nn.Linear(2 * dim, dim, bias=False)
         with torch.no_grad():
             eye = torch.eye(dim)
             self.linear.weight.copy_(0.5 * torch.cat([eye, eye], dim=1))
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        """The bare map W·[a || b]; inputs as given (see `prepare` / `fuse`)."""
         return self.linear(torch.cat([a.float(), b.float()], dim=-1))
 
+    def prepare(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalise both inputs as in training (`input_norm`; vle/2: L2, so GAP-of-B features fit too)."""
+        return _normed(a, self.input_norm), _normed(b, self.input_norm)
+
+    def fuse(self, a: Tensor, b: Tensor) -> Tensor:
+        """The image side vle/2 trained: prepare the inputs, map, normalise the output (`output_norm`)."""
+        return _normed(self(*self.prepare(a, b)), self.output_norm)
+
     def save(self, path: str | os.PathLike, **meta) -> None:
-        """Atomic write of the weights plus metadata (encoder name, metrics...)."""
+        """Atomic write of the weights, the training contract (norms, scale, bias) and metadata."""
         io.save_torch(path, {"format": CONCAT_FORMAT, "dim": self.dim,
                              "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+                             "input_norm": self.input_norm, "output_norm": self.output_norm,
+                             "logit_scale": self.logit_scale, "logit_bias": self.logit_bias,
                              "meta": meta})
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "ConcatAdapter":
-        """Load with weights_only (ttdl.core.io.load_torch); reject files of another format."""
+        """Load with weights_only (ttdl.core.io.load_torch); reject files of another format.
+
+        Files of format /1 predate the stored contract; vle/2 wrote them from unit
+        inputs with a normalised output, and kept scale/bias in `meta` when at all.
+        """
         blob = io.load_torch(path)
-        if not isinstance(blob, dict) or blob.get("format") != CONCAT_FORMAT:
+        fmt = blob.get("format") if isinstance(blob, dict) else None
+        if fmt not in CONCAT_FORMATS_READ:
             raise ValueError(f"{path} is not a concat-adapter file ({CONCAT_FORMAT}); it is written by vle/2")
-        adapter = cls(int(blob["dim"]))
+        meta = dict(blob.get("meta") or {})
+        source = blob if fmt == CONCAT_FORMAT else meta
+        adapter = cls(int(blob["dim"]), input_norm=blob.get("input_norm", "l2"),
+                      output_norm=blob.get("output_norm", "l2"),
+                      logit_scale=float(source.get("logit_scale", SIGLIP_INIT_LOGIT_SCALE)),
+                      logit_bias=float(source.get("logit_bias", SIGLIP_INIT_LOGIT_BIAS)))
         adapter.load_state_dict(blob["state_dict"])
-        adapter.meta = dict(blob.get("meta") or {})
+        adapter.meta = meta
         return adapter
+
+
+def _normed(x: Tensor, kind: str) -> Tensor:
+    return l2(x) if kind == "l2" else x.float()
 
 
 def l2(x: Tensor) -> Tensor:
