@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Report figures from finished runs: curves.png, describer.png, results.png (and the table as HTML)."""
+"""Report figures from finished runs: curves.png, describer.png, results.png, text_signals.png (and the tables
+as HTML)."""
 import argparse
 import os
 from pathlib import Path
 
-from ttdl.report.plots import describer_activity, results_bars, summary_table_html, training_curves
+from ttdl.report.plots import describer_activity, results_bars, summary_table_html, text_signals, training_curves
 
 
 def run_label(run_dir: str, results_root: str) -> str:
@@ -27,8 +28,9 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", help="run folders, e.g. results/0 results/3.1")
     parser.add_argument("--results-root", default="results", help="labels are run folders relative to this")
     parser.add_argument("--summary", help="results/summary.csv (for results.png and --table-html)")
-    parser.add_argument("--out-dir", help="writes curves.png, describer.png and results.png here")
+    parser.add_argument("--out-dir", help="writes curves.png, describer.png, results.png and text_signals.png here")
     parser.add_argument("--table-html", help="also (or only) render --summary as this HTML table")
+    parser.add_argument("--text-help", help="results/text_help.csv: --table-html ends with the 'Does text help?' table")
     args = parser.parse_args()
     if args.out_dir and not (args.runs and args.summary):
         parser.error("--out-dir needs --runs and --summary")
@@ -42,9 +44,10 @@ def main() -> None:
         training_curves(runs, out / "curves.png")
         describer_activity(runs, out / "describer.png")
         results_bars(args.summary, out / "results.png")
-        print(f"wrote {out}/curves.png, describer.png, results.png for {len(runs)} runs")
+        text_signals(runs, out / "text_signals.png")
+        print(f"wrote {out}/curves.png, describer.png, results.png, text_signals.png for {len(runs)} runs")
     if args.table_html:
-        summary_table_html(args.summary, args.table_html, table_titles())
+        summary_table_html(args.summary, args.table_html, table_titles(), text_help_csv=args.text_help)
         print(f"wrote {args.table_html}")
 
 

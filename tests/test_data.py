@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 from torch.utils.data import DataLoader
 
 from ttdl.core.data import (
@@ -18,6 +19,7 @@ from ttdl.core.data import (
     resize_and_crop,
     split_of,
 )
+from ttdl.core.degrade import box_labels, degrade_label, rng_for, void_part_labels
 
 VOID = 255
 # a hand-made palette (not the generator's): class k -> (40k, 255 - 40k, 7k), void -> light grey
@@ -261,3 +263,100 @@ def test_class_names_from_config_or_classes_txt(voc, tiny_data) -> None:
     assert read_class_names(tiny_data, None)[:2] == ["background", "circle"]
     with pytest.raises(DatasetError, match="classes.txt"):
         read_class_names(voc, None)
+
+
+# ---- degraded train labels (privileged information) ---------------------------
+
+def two_objects() -> np.ndarray:
+    """A 12x12 map: a plus of class 2 (box rows 1..5, cols 1..5) with a void pixel in a corner of its box,
+    a 2x2 class-3 square in another corner, and a second class-2 object (an L) far from the first."""
+    label = np.zeros((12, 12), np.int64)
+    label[3, 1:6] = 2
+    label[1:6, 3] = 2
+    label[5, 5] = VOID
+    label[1:3, 1:3] = 3  # in a corner of the plus's box, not touching the plus
+    label[8:11, 8] = 2
+    label[10, 8:11] = 2
+    return label
+
+
+def test_box_labels_turn_each_object_into_its_bounding_box() -> None:
+    label = two_objects()
+    out = box_labels(label, VOID)
+    want = np.zeros_like(label)
+    want[1:6, 1:6] = 2  # the plus's box (the larger object is drawn first) ...
+    want[1:3, 1:3] = 3  # ... the smaller square stays on top
+    want[5, 5] = VOID  # void stays void
+    want[8:11, 8:11] = 2  # the L: its own box, not one box around both class-2 objects
+    assert np.array_equal(out, want), out
+    assert np.array_equal(label, two_objects())  # the input is not changed
+
+
+def test_void_part_voids_a_half_plane_share_of_every_object_only() -> None:
+    label = np.zeros((40, 40), np.int64)
+    yy, xx = np.mgrid[0:40, 0:40]
+    label[(yy - 12) ** 2 + (xx - 12) ** 2 <= 64] = 1  # a disc of class 1
+    label[25:35, 22:38] = 4  # a rectangle of class 4
+    label[0, :] = VOID
+    for fraction in (0.5, 0.25):
+        out = void_part_labels(label, VOID, fraction, rng_for(0, "a"))
+        for cls in (1, 4):
+            n = int((label == cls).sum())
+            voided = (label == cls) & (out == VOID)
+            assert voided.sum() == round(fraction * n)
+            assert ((label == cls) & (out == cls)).sum() == n - round(fraction * n)  # the rest keeps its class
+            # a half-plane cut of a convex object leaves one connected part on each side
+            assert ndimage.label(voided)[1] == 1 and ndimage.label((label == cls) & ~voided)[1] == 1
+        assert np.array_equal(out[label == 0], label[label == 0]) and (out[0] == VOID).all()
+    assert np.array_equal(void_part_labels(label, VOID, 0.0, rng_for(0, "a")), label)
+    assert (void_part_labels(label, VOID, 1.0, rng_for(0, "a"))[label != 0] == VOID).all()
+
+
+def test_void_part_is_fixed_per_seed_and_image() -> None:
+    label = two_objects()
+    kw = {"fraction": 0.5, "ignore_index": VOID}
+    runs = [degrade_label(label, "void_part", seed=0, uid="u1", **kw) for _ in range(3)]
+    assert all(np.array_equal(r, runs[0]) for r in runs)
+    others = [degrade_label(label, "void_part", seed=s, uid=u, **kw) for s, u in ((1, "u1"), (0, "u2"), (2, "u3"))]
+    assert any(not np.array_equal(o, runs[0]) for o in others)  # the cut differs between images and seeds
+    assert np.array_equal(degrade_label(label, "none", seed=0, uid="u1", **kw), label)
+    with pytest.raises(ValueError, match="unknown label degradation"):
+        degrade_label(label, "blur", seed=0, uid="u1", **kw)
+
+
+@pytest.mark.parametrize("kind", ["box", "void_part"])
+def test_degraded_train_split_keeps_the_clean_label_and_flips_both(tiny_run, kind) -> None:
+    run = tiny_run(train={"hflip": True}, data={"degrade_labels": {"kind": kind}})
+    assert run.data.degrade_labels.active and run.data.degrade_labels.fraction == 0.5
+    train = split_of(run.data, "train", run.train)
+    plain = split_of(run.data, "train")  # no train settings: neither flipped nor degraded
+    assert "clean_mask" not in plain[0]
+    changed, flipped = 0, 0
+    for epoch in range(4):
+        train.set_epoch(epoch)
+        for index in range(4):
+            sample, ref = train[index], plain[index]
+            flip = torch.equal(sample["image"], ref["image"].flip(-1)) and not torch.equal(sample["image"],
+                                                                                           ref["image"])
+            flipped += flip
+            clean = ref["mask"].flip(-1) if flip else ref["mask"]
+            assert torch.equal(sample["clean_mask"], clean)  # the describer's label: clean, flipped with the image
+            degraded = torch.from_numpy(degrade_label(ref["mask"].numpy(), kind, fraction=0.5, seed=0,
+                                                      uid=ref["uid"], ignore_index=VOID))
+            assert torch.equal(sample["mask"], degraded.flip(-1) if flip else degraded)  # fixed over epochs
+            assert sample["mask"].dtype == sample["clean_mask"].dtype == torch.int64
+            changed += not torch.equal(sample["mask"], sample["clean_mask"])
+    assert changed > 0 and 0 < flipped < 16
+    batch = next(iter(DataLoader(train, batch_size=3)))
+    assert batch["clean_mask"].shape == batch["mask"].shape == (3, run.data.crop, run.data.crop)
+
+
+def test_validation_and_undegraded_runs_read_clean_labels(tiny_run) -> None:
+    run = tiny_run(data={"degrade_labels": {"kind": "box"}})
+    val, plain_val = split_of(run.data, "val", run.train), split_of(run.data, "val")
+    for ds in (val, plain_val, split_of(run.data, "train")):
+        assert ds.degrade is None and "clean_mask" not in ds[0]
+    assert torch.equal(val[0]["mask"], plain_val[0]["mask"])
+    default = tiny_run()
+    assert default.data.degrade_labels.kind == "none" and not default.data.degrade_labels.active
+    assert "clean_mask" not in split_of(default.data, "train", default.train)[0]

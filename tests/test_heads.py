@@ -130,7 +130,7 @@ def test_bottleneck_adapter_detach_trains_only_the_adapter(encoder, batch):
 def test_bottleneck_adapter_l2_norm_changes_the_loss(encoder, batch):
     tb, items = batch
     b = bottleneck_leaf()
-    raw = aux(make_head("bottleneck_adapter", encoder), encoder, tb, items, b)
+    raw = aux(make_head("bottleneck_adapter", encoder, embedding_norm="none"), encoder, tb, items, b)
     normed = aux(make_head("bottleneck_adapter", encoder, embedding_norm="l2"), encoder, tb, items, b)
     assert raw.item() != pytest.approx(normed.item(), rel=1e-3)
 
@@ -164,7 +164,7 @@ def test_pr_fusion_keeps_the_concat_adapter_frozen_and_unsaved(encoder, batch, c
     aux(head, encoder, tb, items, bottleneck_leaf()).backward()
     concat = head.concat[0]
     assert all(not p.requires_grad and p.grad is None for p in concat.parameters())
-    assert set(head.state_dict()) == {"mlp.weight"}
+    assert set(head.state_dict()) == {"mlp.weight", "logit.logit_scale", "logit.logit_bias"}
     assert torch.equal(concat.linear.weight, ConcatAdapter.from_file(concat_path).linear.weight)
 
 
@@ -277,3 +277,59 @@ def test_xen_rescale_moves_the_gradient_with_the_text(encoder, batch):
         loss.backward()
         grads.append(pixel_ce.grad.clone())
     assert not torch.allclose(grads[0], grads[1])
+
+
+# ---- the well-posed image side and logit parameters ----
+
+def test_class_pooling_gives_each_class_of_an_image_its_own_feature():
+    from ttdl.text.heads import class_pooled
+
+    b = torch.zeros(1, 2, 2, 2)
+    b[0, 0, :, 0], b[0, 1, :, 1] = 1.0, 1.0  # channel 0 lives on the left, channel 1 on the right
+    probs = torch.zeros(1, 3, 8, 8)
+    probs[0, 1, :, :4], probs[0, 2, :, 4:] = 1.0, 1.0  # class 1 predicted left, class 2 right
+    feats = class_pooled(b, probs, torch.tensor([0, 0]), torch.tensor([1, 2]))
+    assert torch.allclose(feats, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+
+
+@pytest.mark.parametrize("name", ["grouped_siglip", "bottleneck_adapter"])
+def test_masked_image_side_differs_from_gap(name, encoder, batch):
+    tb, items = batch
+    b = bottleneck_leaf()
+    masked = aux(make_head(name, encoder), encoder, tb, items, b)
+    whole = aux(make_head(name, encoder, image_side="gap"), encoder, tb, items, b)
+    assert masked.item() != pytest.approx(whole.item(), rel=1e-4)
+
+
+def test_learned_logit_scale_and_bias_start_at_the_init_and_train(encoder, batch):
+    tb, items = batch
+    head = make_head("grouped_siglip", encoder)
+    scale, bias = head.logit()
+    assert scale.item() == pytest.approx(10.0) and bias.item() == pytest.approx(-10.0)
+    aux(head, encoder, tb, items, bottleneck_leaf()).backward()
+    assert head.logit.logit_scale.grad.abs() > 0 and head.logit.logit_bias.grad.abs() > 0
+
+
+def test_original_preset_fixes_scale_and_bias_and_uses_gap(encoder, batch):
+    tb, items = batch
+    head = make_head("grouped_siglip", encoder, preset="original")
+    assert head.cfg.image_side == "gap" and head.cfg.negatives_reduction == "sum"
+    assert dict(head.named_parameters()).keys() == {"mlp.weight"}  # scale and bias are buffers
+    assert tuple(float(v) for v in head.logit()) == (1.0, 0.0)
+    b = bottleneck_leaf()
+    expected_loss = aux(make_head("grouped_siglip", encoder, image_side="gap", embedding_norm="none",
+                                  learn_scale_bias=False, scale=1.0, bias=0.0, negatives_reduction="sum",
+                                  grouping="original", mask_same_group_negatives=False), encoder, tb, items, b)
+    assert aux(head, encoder, tb, items, b).item() == pytest.approx(expected_loss.item(), rel=1e-6)
+
+
+def test_logit_parameters_escape_weight_decay(encoder):
+    from torch import nn
+
+    from ttdl.jobs.train import parameter_groups
+
+    head = make_head("grouped_siglip", encoder)
+    groups = parameter_groups(nn.Linear(2, 2), head, weight_decay=0.3)
+    no_decay = [g for g in groups if g["weight_decay"] == 0.0]
+    assert len(no_decay) == 1
+    assert {id(p) for p in no_decay[0]["params"]} == {id(head.logit.logit_scale), id(head.logit.logit_bias)}

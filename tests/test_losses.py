@@ -239,3 +239,36 @@ def test_mix_losses():
     assert mix_losses(ce, aux, 0.5, "additive").item() == pytest.approx(2 + 0.5 * 4)
     with pytest.raises(ValueError, match="convex.*additive"):
         mix_losses(ce, aux, 0.5, "sum")
+
+
+# ---- the well-posed options: mean of negatives, the original's grouping ----
+
+def test_grouped_siglip_mean_of_negatives_hand_value():
+    img = t([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    txt = t([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    groups = torch.tensor([0, 1, 2])
+    z = (img @ txt.T).detach()  # scale 1, bias 0
+    pos = [math.log1p(math.exp(-float(z[i, i]))) for i in range(3)]
+    neg = [sum(math.log1p(math.exp(float(z[i, j]))) for j in range(3) if j != i) / 2 for i in range(3)]
+    expected = sum(p + n for p, n in zip(pos, neg)) / 3
+    loss = grouped_siglip(img, txt, groups, negatives="mean")
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    summed = grouped_siglip(img, txt, groups, negatives="sum")
+    assert summed.item() > loss.item()
+
+
+def test_grouped_siglip_original_grouping_counts_textless_rows_as_zero():
+    # rows of images 0 and 3 carry text; the original divides by 4 groups (0..3), not 2
+    img, txt = t([[1.0, 0.0], [0.0, 1.0]]), t([[1.0, 0.0], [0.0, 1.0]])
+    groups = torch.tensor([0, 3])
+    present = grouped_siglip(img, txt, groups, grouping="present")
+    original = grouped_siglip(img, txt, groups, grouping="original")
+    assert original.item() == pytest.approx(present.item() * 2 / 4, rel=1e-6)
+
+
+def test_unknown_reductions_are_errors():
+    img = t([[1.0, 0.0], [0.0, 1.0]])
+    with pytest.raises(ValueError, match="negatives"):
+        grouped_siglip(img, img, torch.tensor([0, 1]), negatives="max")
+    with pytest.raises(ValueError, match="grouping"):
+        grouped_siglip(img, img, torch.tensor([0, 1]), grouping="all")

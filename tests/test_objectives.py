@@ -13,6 +13,8 @@ from ttdl.jobs.prefill import prefill_cache
 from ttdl.jobs.train import Trainer
 from ttdl.text.describers import DescriberError
 from ttdl.text.objectives import UnusableAnswersError
+from ttdl.text.text_sources import Counters
+from ttdl.text.textbatch import split_key
 
 TEXT = {"describer": {"image_size": 48}}
 
@@ -28,7 +30,8 @@ def text_trainer(tiny_run, tmp_path, objective: dict, lr: float = 1e-3, **sectio
 
 def test_grouped_siglip_step_describes_then_reuses(tiny_run, tmp_path):
     # a vanishing lr keeps the predicted masks identical between the two steps
-    trainer = text_trainer(tiny_run, tmp_path, {"name": "grouped_siglip", "lambda": 0.2}, lr=1e-12)
+    trainer = text_trainer(tiny_run, tmp_path, {"name": "grouped_siglip", "lambda": 0.2, "lambda_mode": "fixed",
+                                                "head_warmup_steps": 0}, lr=1e-12)
     batch = first_batch(trainer)
     first = trainer.train_step(batch)
     pairs = first["text/texts"]
@@ -106,7 +109,7 @@ def test_prefill_records_every_significant_pair_without_text(tiny_run, tmp_path)
     state = load_torch(tmp_path / "prefill.pt")
     assert info["keys"] == len(state["keys"]) >= len(trainer.train_set)  # at least one class per image
     assert state["texts"] == {}  # no describer calls
-    uids = {key.rsplit("-", 1)[0] for key in state["keys"]}
+    uids = {split_key(key)[0] for key in state["keys"]}
     assert uids == set(trainer.train_set.uids)
     # a finetune that starts from this cache knows every key already
     warm = Trainer(run, tmp_path / "warm", cache_path=str(tmp_path / "prefill.pt"), log=lambda *_: None)
@@ -125,10 +128,72 @@ def test_shuffled_control_moves_every_text_to_another_pair():
 
 
 def test_class_name_control_and_lambda0_is_ce(tiny_run, tmp_path):
-    trainer = text_trainer(tiny_run, tmp_path, {"name": "grouped_siglip", "text": "class_name", "lambda": 0.0})
+    trainer = text_trainer(tiny_run, tmp_path, {"name": "grouped_siglip", "text": "class_name", "lambda": 0.0,
+                                                "lambda_mode": "fixed", "head_warmup_steps": 0})
     logs = trainer.train_step(first_batch(trainer))
-    assert logs["text/describer_calls"] == 0 and logs["text/texts"] > 0
+    assert logs["text/texts"] > 0
     assert logs["loss"] == pytest.approx(logs["ce"], rel=1e-6)  # lambda 0: the aux term carries no weight
+
+
+@pytest.mark.parametrize("control", [{"text": "class_name"}, {"text": "onehot"}, {"shuffle_texts": True}])
+def test_controls_put_text_on_the_matched_runs_positions(tiny_run, tmp_path, control):
+    """Same start, same batch: a control's texts sit on exactly the pairs the matched run's texts do."""
+    def step_items(objective):
+        trainer = text_trainer(tiny_run, tmp_path / str(len(objective)), {"name": "grouped_siglip", **objective})
+        batch = first_batch(trainer)
+        with torch.no_grad():
+            logits, _ = trainer.model(batch["image"])
+        obj = trainer.objective
+        tb = obj._text_batch(batch, batch["image"], batch["mask"], logits.argmax(1))
+        return tb, obj.source(tb, Counters())
+
+    tb, matched = step_items({})
+    _, other = step_items(control)
+    assert matched.positions and other.positions == matched.positions
+    if "text" in control:
+        assert all(a != b for a, b in zip(other.texts, matched.texts))
+    if control.get("text") == "onehot":
+        assert all(code.startswith("kind=") for code in other.texts)
+
+
+def test_onehot_control_trains_on_code_vectors(tiny_run, tmp_path):
+    trainer = text_trainer(tiny_run, tmp_path, {"name": "grouped_siglip", "text": "onehot", "head_warmup_steps": 0})
+    from ttdl.text.diagnosis_code import code_dim
+
+    assert trainer.objective.head.mlp.in_features == code_dim(trainer.num_classes)
+    logs = trainer.train_step(first_batch(trainer))
+    assert logs["text/texts"] > 0 and math.isfinite(logs["aux"]) and logs["aux"] > 0
+
+
+def test_grad_ratio_lambda_and_gradient_logs(tiny_run, tmp_path):
+    """After the head warm-up, every k steps: lambda re-set to the target ratio and the measures logged."""
+    trainer = text_trainer(tiny_run, tmp_path, {"name": "grouped_siglip", "head_warmup_steps": 1,
+                                                "grad_log_every": 1, "target_grad_ratio": 0.25})
+    batches = iter(trainer.epoch_loader(0))
+    warm = trainer.train_step(next(batches))
+    assert "text/grad_ratio_aux_ce" not in warm  # warm-up: B detached, nothing to balance
+    logs = trainer.train_step(next(batches))
+    assert logs["text/grad_ratio_aux_ce"] == pytest.approx(0.25, rel=1e-4)
+    assert -1 <= logs["text/grad_cos_aux_ce"] <= 1 and 0 < logs["text/lambda"] <= 0.9
+    assert trainer.objective.end_epoch()["grad_ratio_aux_ce"] == pytest.approx(0.25, rel=1e-4)
+
+
+def test_warmup_keeps_the_aux_gradient_out_of_the_segmenter(tiny_run, tmp_path):
+    trainer = text_trainer(tiny_run, tmp_path, {"name": "grouped_siglip", "head_warmup_steps": 5,
+                                                "lambda_mode": "fixed", "lambda": 0.5})
+    batch = first_batch(trainer)
+    images, masks = batch["image"], batch["mask"]
+    from ttdl.text.objectives import StepTensors
+
+    logits, bottleneck = trainer.model(images)
+    zero_ce = logits.sum() * 0
+    valid = masks != 255
+    step = StepTensors(batch, images, masks, logits, bottleneck, zero_ce.expand(masks.shape), valid, zero_ce)
+    loss, logs = trainer.objective(step)
+    assert logs["text/texts"] > 0
+    loss.backward()  # CE is a zero here: any backbone gradient would come from the aux loss
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in trainer.model.shared_parameters())
+    assert trainer.objective.head.mlp.weight.grad.abs().sum() > 0
 
 
 def test_contrastive_validation_goes_through_its_own_cache(tiny_run, tmp_path):

@@ -10,7 +10,15 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from ttdl.report.plots import PlotInputError, describer_activity, results_bars, summary_table_html, training_curves
+from ttdl.report.plots import (
+    PlotInputError,
+    describer_activity,
+    results_bars,
+    summary_table_html,
+    text_help_html,
+    text_signals,
+    training_curves,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -137,8 +145,70 @@ def test_figures_cli_labels_runs_relative_to_results(runs, tmp_path, monkeypatch
     monkeypatch.setattr(sys, "argv", ["figures.py", "--runs", *map(str, runs.values()), "--results-root",
                                       str(tmp_path / "results"), "--summary", str(summary), "--out-dir", str(out)])
     figures.main()
-    for name in ("curves", "describer", "results"):
+    for name in ("curves", "describer", "results", "text_signals"):
         assert_png(out / f"{name}.png", min_w=400, min_h=100)
+
+
+def signal_rows(epochs: int, staleness: bool) -> list[dict]:
+    stale = (lambda e: {"staleness_iou": 1.0 - 0.1 * e}) if staleness else (lambda e: {})
+    return [r | {"grad_ratio_aux_ce": 0.05 * r["epoch"]} | stale(r["epoch"]) for r in text_rows(epochs)]
+
+
+def test_text_signals_plots_ratio_and_staleness_and_skips_runs_without_them(runs, tmp_path):
+    write_csv(tmp_path / "results" / "m" / "metrics.csv", signal_rows(3, staleness=True))
+    write_csv(tmp_path / "results" / "s" / "metrics.csv", signal_rows(4, staleness=False))
+    both = runs | {"m": tmp_path / "results" / "m", "s": tmp_path / "results" / "s"}
+    w, h = assert_png(_draw(text_signals, both, tmp_path / "signals.png"))
+    assert w > h
+    # CE-only and older text runs lack both columns: each panel says there is nothing to draw
+    assert_png(_draw(text_signals, {"0": runs["0"], "3.1": runs["3.1"]}, tmp_path / "none.png"))
+    with pytest.raises(PlotInputError, match="no runs"):
+        text_signals({}, tmp_path / "empty.png")
+    with pytest.raises(PlotInputError, match="file not found"):
+        text_signals({"x": tmp_path / "nowhere"}, tmp_path / "x.png")
+
+
+def test_text_signals_draws_only_runs_with_the_column(runs, tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    write_csv(tmp_path / "results" / "m" / "metrics.csv", signal_rows(3, staleness=True))
+    write_csv(tmp_path / "results" / "s" / "metrics.csv", signal_rows(4, staleness=False))
+    drawn: list[tuple[str, list]] = []
+    plot = Axes.plot
+
+    def spy(self, xs, ys, *args, **kwargs):
+        drawn.append((kwargs.get("label"), list(ys)))
+        return plot(self, xs, ys, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    text_signals({"0": runs["0"], "m": tmp_path / "results" / "m", "s": tmp_path / "results" / "s"},
+                 tmp_path / "signals.png")
+    assert [label for label, _ in drawn] == ["m", "s", "m"]  # ratio: m and s; staleness: only m; CE run: none
+    assert drawn[1][1] == pytest.approx([0.05, 0.10, 0.15, 0.20]) and drawn[2][1] == pytest.approx([0.9, 0.8, 0.7])
+
+
+def test_summary_table_html_ends_with_the_text_help_table(tmp_path):
+    summary = write_csv(tmp_path / "summary.csv", [{"experiment": "a", "miou": 0.5}])
+    help_csv = write_csv(tmp_path / "text_help.csv", [
+        {"baseline": "ce", "first": "a", "first_role": "matched", "second": "ce", "second_role": "ce", "n": 3,
+         "miou_first": 0.55, "miou_second": 0.45, "delta_miou": 0.1, "ci_low": 0.02, "ci_high": 0.18, "p": 0.031,
+         "note": ""},
+        {"baseline": "ce", "first": "a", "first_role": "matched", "second": "<b>", "second_role": "shuffled",
+         "n": 1, "miou_first": 0.55, "miou_second": 0.5, "delta_miou": 0.05, "ci_low": "", "ci_high": "", "p": "",
+         "note": "n/a: 1 seed; an interval and a test need at least 2"}])
+    out = tmp_path / "table.html"
+    summary_table_html(summary, out, text_help_csv=help_csv)
+    page = out.read_text()
+    assert page.index("<td>a</td>") < page.index("<h2>Does text help?</h2>")
+    assert "<td>matched text (a)</td><td>CE only (ce)</td><td>3</td>" in page
+    assert "<td>+0.1000</td><td>[+0.0200, +0.1800]</td><td>0.0310</td>" in page
+    assert "shuffled text (&lt;b&gt;)" in page and "<td>n/a</td><td>n/a: 1 seed" in page
+    summary_table_html(summary, out)  # without the comparisons: the results table alone
+    assert "Does text help?" not in out.read_text()
+    empty = write_csv(tmp_path / "empty.csv", [{c: "" for c in ("baseline", "first", "second", "delta_miou",
+                                                                 "ci_low", "ci_high", "p")}])
+    empty.write_text(empty.read_text().splitlines()[0] + "\n")
+    assert "n/a: no experiment" in text_help_html(empty)
 
 
 def test_pick_samples_skips_background_only_images():

@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 
-from ttdl.core import losses, models, runtime
+from ttdl.core import degrade, losses, models, runtime
 from ttdl.core.config import RUN_KEYS, SHARED_SECTIONS, load_schema, resolve_run, validate_config
 from ttdl.core.settings import SECTIONS, AdaptationJob, AdaptationSettings, RunSettings, Section
 from ttdl.jobs import encoder_adaptation
@@ -46,11 +46,16 @@ REGISTRIES = {
     "adaptation.kind": lambda: set(encoder_adaptation.ADAPTATIONS),
     "describer.schedule": lambda: set(objectives.SCHEDULES),
     "cache.policy": lambda: set(cache.POLICIES),
+    "objective.negatives_reduction": lambda: set(losses.NEGATIVE_REDUCTIONS),
+    "objective.grouping": lambda: set(losses.GROUPINGS),
+    "objective.preset": lambda: {"well_posed"} | set(DEFINITIONS["objective"]["x-presets"]),
+    "data.degrade_labels.kind": lambda: set(degrade.KINDS),
 }
 
 # enums that the code reads with a plain comparison, without a table of implementations
 WITHOUT_REGISTRY = {
     "data.kind", "train.schedule", "objective.text", "objective.adapter", "objective.embedding_norm",
+    "objective.image_side", "objective.lambda_mode",
 }
 
 

@@ -101,7 +101,8 @@ def optional_arg(flag, files):
 
 
 def summary_experiments():
-    """The results table's experiments with their per-seed run folders (and baseline's)."""
+    """The results table's experiments with their per-seed run folders (and baseline's), and their
+    objective settings: the "Does text help?" section reads each run's role from them."""
     table = []
     for experiment in config["summary"]:
         baseline = config["runs"][experiment].get("baseline")
@@ -111,6 +112,7 @@ def summary_experiments():
                 "runs": [f"results/{r}" for r in seed_runs(config, experiment)],
                 "baseline": baseline,
                 "baseline_runs": [f"results/{r}" for r in seed_runs(config, baseline)] if baseline else [],
+                "objective": run_settings(experiment)["objective"],
             }
         )
     return table

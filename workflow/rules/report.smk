@@ -9,7 +9,7 @@ QUALITATIVE_RUNS = [r for r in config["summary"] if r in PANEL_RUNS and run_sett
 
 # Every file the report shows; `make report` builds these (rule report_inputs) before `--report`.
 REPORT_INPUTS = (
-    expand("results/figures/{name}.png", name=["curves", "describer", "results"])
+    expand("results/figures/{name}.png", name=["curves", "describer", "results", "text_signals"])
     + expand("results/figures/qualitative/{run}.png", run=QUALITATIVE_RUNS)
     + ["results/figures/summary_table.html"]
 )
@@ -25,6 +25,9 @@ rule figures:
         curves=report("results/figures/curves.png", caption="../report/curves.rst", category="Figures"),
         describer=report("results/figures/describer.png", caption="../report/describer.rst", category="Figures"),
         results=report("results/figures/results.png", caption="../report/results.rst", category="Figures"),
+        text_signals=report(
+            "results/figures/text_signals.png", caption="../report/text_signals.rst", category="Figures"
+        ),
     log:
         "logs/figures.log",
     benchmark:
@@ -42,6 +45,7 @@ rule summary_table:
         script="scripts/figures.py",
         code=package_sources("scripts/figures.py"),
         summary="results/summary.csv",
+        text_help="results/text_help.csv",
     output:
         report("results/figures/summary_table.html", caption="../report/summary_table.rst", category="Results table"),
     log:
@@ -49,7 +53,8 @@ rule summary_table:
     benchmark:
         "benchmarks/summary_table.tsv"
     shell:
-        "python {input.script:q} --summary {input.summary:q} --table-html {output:q} > {log:q} 2>&1"
+        "python {input.script:q} --summary {input.summary:q} --text-help {input.text_help:q} "
+        "--table-html {output:q} > {log:q} 2>&1"
 
 
 rule qualitative:

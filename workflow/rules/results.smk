@@ -33,6 +33,7 @@ rule summarize:
     output:
         csv="results/summary.csv",
         md="results/summary.md",
+        text_help="results/text_help.csv",
     log:
         "logs/summarize.log",
     benchmark:
@@ -41,4 +42,4 @@ rule summarize:
         experiments=lambda wildcards: to_json(summary_experiments()),
     shell:
         "python {input.script:q} --experiments-json {params.experiments:q} "
-        "--csv {output.csv:q} --md {output.md:q} > {log:q} 2>&1"
+        "--csv {output.csv:q} --md {output.md:q} --text-help-csv {output.text_help:q} > {log:q} 2>&1"

@@ -346,6 +346,7 @@ def _filled_section(name: str, values: dict, source: str, prefix: str) -> dict:
     key order apart, so a hit is the very same input. Failures are not memoised
     (their message names the run).
     """
+    _apply_preset(name, values)
     key = (name, repr(values))
     filled = _FILLED.get(key)
     if filled is None:
@@ -357,6 +358,17 @@ def _filled_section(name: str, values: dict, source: str, prefix: str) -> dict:
         filled = _FILLED[key] = copy.deepcopy(values)
         return values
     return copy.deepcopy(filled)
+
+
+def _apply_preset(name: str, values: dict) -> None:
+    """Fill the keys of a named preset (the schema's x-presets) that `values` does not set itself.
+
+    A preset is a set of defaults, not an override: `preset: original` with `scale: 2`
+    keeps scale 2. Unknown presets are left to the schema's enum to report.
+    """
+    presets = _section_schema(name).get("x-presets", {})
+    for key, value in presets.get(values.get("preset"), {}).items():
+        values.setdefault(key, copy.deepcopy(value))
 
 
 def _section_schema(name: str) -> dict:

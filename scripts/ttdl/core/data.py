@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from ttdl.core.settings import DataSettings, TrainSettings
+from ttdl.core.degrade import degrade_label
+from ttdl.core.settings import DataSettings, DegradeLabels, TrainSettings
 
 
 class DatasetError(RuntimeError):
@@ -52,11 +53,16 @@ class SegmentationFolder(Dataset):
     `crop` (the original's 520/520 for VOC; the synthetic set is already square).
     With `num_classes`, every label map is checked to hold only 0..num_classes-1
     and `ignore_index` (one torch.unique per sample).
+
+    With an active `degrade` (privileged information), "mask" is the degraded
+    label CE trains on and "clean_mask" the clean one the describer sees, both
+    flipped with the image; without it there is no "clean_mask" key.
     """
 
     def __init__(self, root: str | Path, split: str, *, resize: int, crop: int,
                  hflip: bool = False, seed: int = 0, image_ext: str = ".jpg",
-                 num_classes: int | None = None, ignore_index: int = 255):
+                 num_classes: int | None = None, ignore_index: int = 255,
+                 degrade: DegradeLabels | None = None):
         self.root = Path(root)
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.split = split
@@ -64,6 +70,7 @@ class SegmentationFolder(Dataset):
         self.resize, self.crop = resize, crop
         self.hflip, self.seed, self.epoch = hflip, seed, 0
         self.image_ext = image_ext
+        self.degrade = degrade if degrade is not None and degrade.active else None
         missing = [p for uid in self.uids for p in self._paths(uid) if not p.is_file()]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -112,17 +119,35 @@ class SegmentationFolder(Dataset):
             raise DatasetError(f"size mismatch: {image_path} is {tuple(image.shape[1:])}, "
                                f"{label_path} is {tuple(label.shape)}")
         image, label = resize_and_crop(image, label, self.resize, self.crop)
+        clean = None
+        if self.degrade is not None:
+            clean, label = label, self._degraded(uid, label)
         if self.hflip and _flip_for(self.seed, self.epoch, uid):
             image, label = image.flip(-1), label.flip(-1)
-        return {"uid": uid, "image": image.contiguous(), "mask": label.contiguous()}
+            clean = None if clean is None else clean.flip(-1)
+        sample = {"uid": uid, "image": image.contiguous(), "mask": label.contiguous(),
+                  "flipped": bool(self.hflip and _flip_for(self.seed, self.epoch, uid))}  # keys the view's texts
+        if clean is not None:
+            sample["clean_mask"] = clean.contiguous()
+        return sample
+
+    def _degraded(self, uid: str, label: torch.Tensor) -> torch.Tensor:
+        """The fixed degraded label of `uid`: made after resize and crop and before the flip, so every epoch
+        trains on the same noisy label."""
+        d = self.degrade
+        return torch.from_numpy(degrade_label(label.numpy(), d.kind, fraction=d.fraction, seed=d.seed, uid=uid,
+                                              ignore_index=self.ignore_index))
 
 
 def split_of(data: DataSettings, split: str, train: TrainSettings | None = None) -> SegmentationFolder:
-    """One split of the run's dataset; with `train`, the train split flips as train.hflip says (seed train.seed).
+    """One split of the run's dataset; with `train`, the train split flips as train.hflip says (seed train.seed)
+    and its labels are degraded as data.degrade_labels says (the clean ones in "clean_mask").
 
     Label values are checked against the run's classes when it has any (data.class_names or classes.txt).
     """
     augment = {} if train is None else {"hflip": train.hflip and split == "train", "seed": train.seed}
+    if train is not None and split == "train":  # degraded labels: only what a training run trains on
+        augment["degrade"] = data.degrade_labels
     return SegmentationFolder(data.root, split, resize=data.resize, crop=data.crop, image_ext=data.image_ext,
                               num_classes=class_count_of(data), ignore_index=data.ignore_index, **augment)
 

@@ -23,6 +23,8 @@ SIGLIP_INIT_LOGIT_BIAS = -10.0
 
 MIX_MODES = ("convex", "additive")
 NORMALISE_MODES = ("mean_one", "original")
+NEGATIVE_REDUCTIONS = ("mean", "sum")
+GROUPINGS = ("present", "original")
 
 
 def _zero(*tensors: Tensor) -> Tensor:
@@ -39,8 +41,22 @@ def _float32(fn):
     return wrapper
 
 
-def _logits(img: Tensor, txt: Tensor, scale: float, bias: float) -> Tensor:
+def _logits(img: Tensor, txt: Tensor, scale: float | Tensor, bias: float | Tensor) -> Tensor:
     return scale * (img.float() @ txt.float().T) + bias
+
+
+def _reduce_negatives(neg_terms: Tensor, mask: Tensor, negatives: str) -> Tensor:
+    """Per-row negative loss: summed (SigLIP, the original) or averaged over the row's negatives.
+
+    The mean keeps a row's loss on one scale whatever the batch composition
+    (how many pairs, how many share an image), so lambda means the same at every step.
+    """
+    total = (neg_terms * mask).sum(1)
+    if negatives == "sum":
+        return total
+    if negatives == "mean":
+        return total / mask.sum(1).clamp(min=1)
+    raise ValueError(f"negatives must be one of {NEGATIVE_REDUCTIONS}, got {negatives!r}")
 
 
 @_float32
@@ -62,7 +78,8 @@ def siglip_pair_loss(img: Tensor, txt: Tensor, logit_scale: Tensor, logit_bias: 
 
 @_float32
 def variable_text_siglip(
-    img: Tensor, txt: Tensor, owner: Tensor, scale: float = 1.0, bias: float = 0.0
+    img: Tensor, txt: Tensor, owner: Tensor, scale: float | Tensor = 1.0, bias: float | Tensor = 0.0,
+    negatives: str = "sum",
 ) -> Tensor:
     """SigLIP with a variable number of texts per image (3b, exp 3.1).
 
@@ -78,14 +95,28 @@ def variable_text_siglip(
     own = owner.to(z.device)[None, :] == torch.arange(n, device=z.device)[:, None]
     n_own = own.sum(1)
     pos = (-F.logsigmoid(z) * own).sum(1) / n_own.clamp(min=1)
-    neg = (-F.logsigmoid(-z) * ~own).sum(1)
+    neg = _reduce_negatives(-F.logsigmoid(-z), ~own, negatives)
     rows = torch.where(n_own > 0, pos + neg, torch.zeros_like(pos))
     return rows.mean()
 
 
-def _grouped_mean(rows: Tensor, groups: Tensor) -> Tensor:
-    """Mean over groups of (sum of the group's row losses / rows in the group)."""
-    _, inverse = torch.unique(groups.to(rows.device), return_inverse=True)
+def _grouped_mean(rows: Tensor, groups: Tensor, grouping: str = "present") -> Tensor:
+    """Mean over groups of (sum of the group's row losses / rows in the group).
+
+    "present" averages over the images that carry text. "original" is the
+    original's count: every batch row up to the highest one with text is a
+    group, text-less rows adding zero, so the loss shrinks with the share of
+    images that got text.
+    """
+    groups = groups.to(rows.device)
+    if grouping == "original":
+        n_groups = int(groups.max()) + 1
+        sums = rows.new_zeros(n_groups).index_add(0, groups, rows)
+        counts = rows.new_zeros(n_groups).index_add(0, groups, torch.ones_like(rows))
+        return (sums / counts.clamp(min=1)).sum() / n_groups
+    if grouping != "present":
+        raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+    _, inverse = torch.unique(groups, return_inverse=True)
     n_groups = int(inverse.max()) + 1
     sums = rows.new_zeros(n_groups).index_add(0, inverse, rows)
     counts = rows.new_zeros(n_groups).index_add(0, inverse, torch.ones_like(rows))
@@ -97,9 +128,11 @@ def grouped_siglip(
     img: Tensor,
     txt: Tensor,
     groups: Tensor,
-    scale: float = 1.0,
-    bias: float = 0.0,
+    scale: float | Tensor = 1.0,
+    bias: float | Tensor = 0.0,
     mask_same_group_negatives: bool = True,
+    negatives: str = "sum",
+    grouping: str = "present",
 ) -> Tensor:
     """SigLIP over (uid, class) rows with per-image normalisation (3c, exp 3.3).
 
@@ -117,8 +150,8 @@ def grouped_siglip(
         g = groups.to(z.device)
         neg_mask = neg_mask & (g[:, None] != g[None, :])
     pos = -F.logsigmoid(z.diagonal())
-    neg = (-F.logsigmoid(-z) * neg_mask).sum(1)
-    return _grouped_mean(pos + neg, groups)
+    neg = _reduce_negatives(-F.logsigmoid(-z), neg_mask, negatives)
+    return _grouped_mean(pos + neg, groups, grouping)
 
 
 @_float32
@@ -127,8 +160,10 @@ def paired_negatives_siglip(
     pos_txt: Tensor,
     neg_txt: Tensor,
     groups: Tensor,
-    scale: float = 1.0,
-    bias: float = 0.0,
+    scale: float | Tensor = 1.0,
+    bias: float | Tensor = 0.0,
+    negatives: str = "sum",
+    grouping: str = "present",
 ) -> Tensor:
     """Each row scored against its own text and its own M perturbed copies only (3d).
 
@@ -142,8 +177,9 @@ def paired_negatives_siglip(
     x = img.float()
     z_pos = scale * (x * pos_txt.float()).sum(-1) + bias  # [P]
     z_neg = scale * torch.einsum("pd,pmd->pm", x, neg_txt.float()) + bias  # [P, M]
-    rows = -F.logsigmoid(z_pos) - F.logsigmoid(-z_neg).sum(1)
-    return _grouped_mean(rows, groups)
+    rows = -F.logsigmoid(z_pos) + _reduce_negatives(-F.logsigmoid(-z_neg), torch.ones_like(z_neg, dtype=torch.bool),
+                                                     negatives)
+    return _grouped_mean(rows, groups, grouping)
 
 
 def pixel_weight_maps(

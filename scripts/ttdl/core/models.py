@@ -52,6 +52,10 @@ class SegmentationNet(nn.Module):
     def _capture(self, _module, _inputs, output) -> None:
         self._bottleneck = output[self.bottleneck_key]
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The parameters that compute B: both CE and every aux loss reach them (the rest is CE's alone)."""
+        return list(self.net.backbone.parameters())
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.net((images - self.mean) / self.std)["out"]
         bottleneck, self._bottleneck = self._bottleneck, None

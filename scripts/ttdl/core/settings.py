@@ -67,9 +67,21 @@ class CocoSource(Section):
 
 
 @dataclass(frozen=True)
+class DegradeLabels(Section):
+    SCHEMA = "data.degrade_labels"
+    kind: str
+    fraction: float
+    seed: int
+
+    @property
+    def active(self) -> bool:
+        return self.kind != "none"
+
+
+@dataclass(frozen=True)
 class DataSettings(Section):
     SCHEMA = "data"
-    NESTED = {"synthetic": SyntheticData, "coco": CocoSource}
+    NESTED = {"synthetic": SyntheticData, "coco": CocoSource, "degrade_labels": DegradeLabels}
     kind: str
     expected_counts: Optional[dict]
     split_sha256: Optional[dict]
@@ -81,6 +93,7 @@ class DataSettings(Section):
     image_ext: str
     ignore_index: int
     synthetic: SyntheticData
+    degrade_labels: DegradeLabels
 
 
 @dataclass(frozen=True)
@@ -160,6 +173,7 @@ class EncoderSettings(Section):
     adapted: Optional[str]
     adapted_by: Optional[str]
     seed: int
+    min_retrieval_over_chance: float
 
 
 @dataclass(frozen=True)
@@ -175,11 +189,13 @@ class CacheSettings(Section):
     max_text_age_epochs: Optional[int]
     calls_per_epoch: Optional[int]
     calls_per_pair: Optional[float]
+    reuse_min_iou: float
 
 
 @dataclass(frozen=True)
 class ObjectiveSettings(Section):
     SCHEMA = "objective"
+    preset: str
     name: str
     text: str
     shuffle_texts: bool
@@ -187,6 +203,15 @@ class ObjectiveSettings(Section):
     mix: str
     scale: float
     bias: float
+    learn_scale_bias: bool
+    image_side: str
+    negatives_reduction: str
+    grouping: str
+    head_warmup_steps: int
+    lambda_mode: str
+    target_grad_ratio: float
+    max_lambda: float
+    grad_log_every: int
     mask_same_group_negatives: bool
     alpha: float
     gamma: float
@@ -217,6 +242,7 @@ class AdaptationSettings(Section):
     lr: float
     val_fraction: float
     seed: int
+    train_image_tower: Optional[bool]
 
 
 SECTIONS: dict[str, type[Section]] = {

@@ -64,7 +64,9 @@ def predict_text_batches(loaded: LoadedRun, *, train_mode: bool):
         images = batch["image"].to(loaded.device)
         with torch.autocast(loaded.device.type, dtype=loaded.amp_dtype, enabled=loaded.amp_dtype is not None):
             logits, _ = loaded.model(images)
-        yield build_text_batch(list(batch["uid"]), batch["image"], batch["mask"], logits.argmax(1).cpu(),
-                               size=run.describer.image_size, num_classes=len(loaded.class_names),
-                               ignore_index=run.data.ignore_index,
-                               include_predicted=run.objective.include_predicted_classes), batch
+        flipped = batch.get("flipped")
+        yield build_text_batch(list(batch["uid"]), batch["image"], batch.get("clean_mask", batch["mask"]),
+                               logits.max(1).indices.cpu(), size=run.describer.image_size,
+                               num_classes=len(loaded.class_names), ignore_index=run.data.ignore_index,
+                               include_predicted=run.objective.include_predicted_classes,
+                               flipped=None if flipped is None else [bool(f) for f in flipped]), batch

@@ -198,6 +198,59 @@ def describer_activity(run_dirs: dict[str, Path], out_png: str | Path) -> None:
     _save(fig, out_png)
 
 
+SIGNAL_PANELS = [("grad_ratio_aux_ce", "aux / CE gradient-norm ratio per epoch", "‖∇aux‖ / ‖∇CE‖"),
+                 ("staleness_iou", "text staleness: IoU of described vs trained-on masks (1 = fresh)", "staleness IoU")]
+
+
+def text_signals(run_dirs: dict[str, Path], out_png: str | Path) -> None:
+    """How strongly the text pulls (aux/CE gradient-norm ratio) and how fresh its masks are, per epoch.
+
+    A ratio near 0 means the text barely moves the weights; a staleness IoU well
+    below 1 means the texts describe masks the model no longer predicts. Runs
+    without a column are left out of its panel (CE-only runs have neither;
+    staleness is logged only by schedules that describe ahead or in the background).
+    """
+    if not run_dirs:
+        raise PlotInputError("text_signals: no runs given")
+    metrics = {label: read_metrics(Path(d) / "metrics.csv", ("epoch",), "text-signals")
+               for label, d in run_dirs.items()}
+    colours = dict(zip(metrics, _colours(len(metrics))))
+    fig = Figure(figsize=(12, 4.8))
+    axes = fig.subplots(1, 2)
+    handles: dict[str, object] = {}
+    for ax, (column, title, ylabel) in zip(axes, SIGNAL_PANELS):
+        ax.set_title(title, fontsize=11)
+        drawn = []
+        for label, cols in metrics.items():
+            xs, ys = _finite(cols["epoch"], cols.get(column, []))
+            if not xs:
+                continue
+            (line,) = ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.5, color=colours[label], label=label)
+            handles.setdefault(label, line)
+            drawn.append(label)
+        if not drawn:
+            _note(ax, f"no run logs {column!r}" + ("\n(logged by text runs with the gradient probe)"
+                                                   if column == "grad_ratio_aux_ce" else
+                                                   "\n(logged by the lookahead and background schedules)"))
+            continue
+        ax.set_xlabel("epoch (of this run)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylim(bottom=0)
+        if column == "staleness_iou":
+            ax.set_ylim(0, 1.05)
+        skipped = [label for label in metrics if label not in drawn]
+        if skipped:
+            ax.text(0.01, 0.01, "without this column: " + ", ".join(skipped), transform=ax.transAxes, fontsize=7,
+                    color="0.35", ha="left", va="bottom", wrap=True)
+    ordered = [label for label in metrics if label in handles]
+    _legend_below(fig, [handles[k] for k in ordered], ordered)
+    fig.suptitle("Text signal over training: gradient share and staleness", fontsize=12)
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.86, bottom=_bottom(fig, len(ordered)), wspace=0.25)
+    _save(fig, out_png)
+
+
 def _first_present(header: list[str], names: tuple[str, ...]) -> str | None:
     return next((n for n in names if n in header), None)
 
@@ -248,10 +301,13 @@ def results_bars(summary_csv: str | Path, out_png: str | Path) -> None:
     _save(fig, out_png)
 
 
-def summary_table_html(summary_csv: str | Path, out_html: str | Path, titles: dict[str, str] | None = None) -> None:
-    """The results table as a standalone HTML page (the report renders HTML items inline)."""
+def summary_table_html(summary_csv: str | Path, out_html: str | Path, titles: dict[str, str] | None = None,
+                       text_help_csv: str | Path | None = None) -> None:
+    """The results table as a standalone HTML page (the report renders HTML items inline); with
+    `text_help_csv` (summarize's comparisons) the page ends with the "Does text help?" table."""
     header, rows = read_table(summary_csv)
     titles = titles or {}
+    extra = "" if text_help_csv is None else text_help_html(text_help_csv)
 
     def cell(column: str, value: str) -> str:
         number = _number(value)
@@ -271,6 +327,44 @@ def summary_table_html(summary_csv: str | Path, out_html: str | Path, titles: di
             "th{background:#f0f0f0}tr:nth-child(even){background:#fafafa}</style></head><body>\n"
             f"<p>Source: {html.escape(str(summary_csv))}. Validation scores of each run's best checkpoint, "
             "re-evaluated by the evaluate rule.</p>\n"
-            f"<table>\n<tr>{head}</tr>\n{body}\n</table>\n</body></html>\n")
+            f"<table>\n<tr>{head}</tr>\n{body}\n</table>\n{extra}</body></html>\n")
     with atomic_path(out_html) as tmp:
         tmp.write_text(page, encoding="utf-8")
+
+
+HELP_ROLE_TITLES = {"ce": "CE only", "matched": "matched text", "shuffled": "shuffled text",
+                    "class_name": "class name", "onehot": "one-hot code"}
+
+
+def text_help_html(text_help_csv: str | Path) -> str:
+    """The "Does text help?" comparisons (summarize's text_help.csv) as an HTML section."""
+    header, rows = read_table(text_help_csv)
+    missing = [c for c in ("baseline", "first", "second", "delta_miou", "ci_low", "ci_high", "p") if c not in header]
+    if missing:
+        raise PlotInputError(f"{text_help_csv}: missing column {missing[0]!r} needed for the text-help table "
+                             f"(columns: {', '.join(header)})")
+    out = ["<h2>Does text help?</h2>\n<p>Each text run against its same-start CE run and the controls sharing its "
+           "objective apart from the text, paired by seed: Δ = mean (first − second) val mIoU, 95 % t-interval, "
+           "two-sided paired t-test.</p>"]
+    if not rows:
+        return out[0] + "\n<p>n/a: no experiment of the summary has a baseline and a text role.</p>\n"
+
+    def arm(row: dict, side: str) -> str:
+        role = row.get(f"{side}_role", "")
+        return f"{html.escape(HELP_ROLE_TITLES.get(role, role))} ({html.escape(row[side])})"
+
+    def num(value: str, signed: bool = False) -> str:
+        number = _number(value)
+        return "n/a" if not math.isfinite(number) else (f"{number:+.4f}" if signed else f"{number:.4f}")
+
+    out.append("<table>\n<tr><th>baseline</th><th>first</th><th>second</th><th>seeds</th><th>mIoU first</th>"
+               "<th>mIoU second</th><th>Δ mIoU</th><th>95 % CI</th><th>paired p</th></tr>")
+    for r in rows:
+        ci = ("n/a" if not math.isfinite(_number(r["ci_low"]))
+              else f"[{num(r['ci_low'], True)}, {num(r['ci_high'], True)}]")
+        p = num(r["p"]) if math.isfinite(_number(r["p"])) else (r.get("note") or "n/a")
+        out.append(f"<tr><td>{html.escape(r['baseline'])}</td><td>{arm(r, 'first')}</td><td>{arm(r, 'second')}</td>"
+                   f"<td>{html.escape(r.get('n', ''))}</td><td>{num(r.get('miou_first', ''))}</td>"
+                   f"<td>{num(r.get('miou_second', ''))}</td><td>{num(r['delta_miou'], True)}</td><td>{ci}</td>"
+                   f"<td>{html.escape(p)}</td></tr>")
+    return "\n".join(out) + "\n</table>\n"

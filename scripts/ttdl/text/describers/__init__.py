@@ -43,9 +43,10 @@ def support_from_dataset(dataset, template: dict, class_names: list[str]) -> Sup
     """The prompt's solved example: the first training (image, class) that fits the template."""
     for index in range(min(len(dataset), 50)):
         sample = dataset[index]
-        for c in sorted(set(sample["mask"].unique().tolist()) - {0, 255}):
+        mask = sample.get("clean_mask", sample["mask"])  # the describer always sees the clean labels
+        for c in sorted(set(mask.unique().tolist()) - {0, 255}):
             try:
-                return make_support_example(sample["image"], sample["mask"], c, class_names[c], template)
+                return make_support_example(sample["image"], mask, c, class_names[c], template)
             except ValueError:
                 continue
     return None  # the describer falls back to its own drawn example
