@@ -229,3 +229,20 @@ def test_run_settings_need_a_resolved_run() -> None:
         RunSettings.from_dict({k: v for k, v in settings.items() if k != "prefill"})
     ce_only = {k: v for k, v in settings.items() if k not in ("describer", "encoder", "cache")}
     assert RunSettings.from_dict(ce_only) == typed  # sections the workflow drops come back as the defaults
+
+
+def test_the_original_preset_fills_only_what_the_config_does_not_set() -> None:
+    config = validate_config(minimal(
+        objective={"name": "grouped_siglip", "negatives_reduction": "mean"},  # shared, explicit
+        runs={"a": {}, "b": {"objective": {"preset": "original", "scale": 2.0}}}))
+    a, b = resolve_run(config, "a")["objective"], resolve_run(config, "b")["objective"]
+    assert (a["preset"], a["scale"], a["image_side"], a["lambda_mode"]) == ("well_posed", 10.0, "masked", "grad_ratio")
+    assert (b["scale"], b["bias"], b["image_side"], b["lambda_mode"], b["learn_scale_bias"]) == (
+        2.0, 0.0, "gap", "fixed", False)  # the run's own scale wins over the preset's 1.0
+    assert b["negatives_reduction"] == "mean"  # set in the shared section: the preset leaves it
+
+
+def test_a_shared_preset_reaches_every_run() -> None:
+    config = validate_config(minimal(objective={"name": "grouped_siglip", "preset": "original"},
+                                     runs={"a": {}, "b": {}}))
+    assert resolve_run(config, "a")["objective"]["grouping"] == "original"

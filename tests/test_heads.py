@@ -329,7 +329,9 @@ def test_logit_parameters_escape_weight_decay(encoder):
     from ttdl.jobs.train import parameter_groups
 
     head = make_head("grouped_siglip", encoder)
-    groups = parameter_groups(nn.Linear(2, 2), head, weight_decay=0.3)
+    groups = parameter_groups(nn.Linear(2, 2), head, lr=1e-3, weight_decay=0.3, head_lr_scale=10.0)
     no_decay = [g for g in groups if g["weight_decay"] == 0.0]
-    assert len(no_decay) == 1
+    assert len(no_decay) == 1 and no_decay[0]["lr"] == pytest.approx(0.1)
     assert {id(p) for p in no_decay[0]["params"]} == {id(head.logit.logit_scale), id(head.logit.logit_bias)}
+    head_group = [g for g in groups if g["lr"] == pytest.approx(1e-2)]
+    assert [id(p) for p in head_group[0]["params"]] == [id(head.mlp.weight)]

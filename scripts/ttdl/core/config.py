@@ -205,6 +205,7 @@ def deep_merge(base: dict, override: dict) -> dict:
 def validate_config(config: dict, source: str = "config") -> dict:
     """Validate in place (filling defaults), then check every run resolves; returns config."""
     schema = load_schema()
+    _apply_run_presets(config)
     _validate(config, schema, source)
     expand_seeds(config)
     runs = config["runs"]
@@ -358,6 +359,25 @@ def _filled_section(name: str, values: dict, source: str, prefix: str) -> dict:
         filled = _FILLED[key] = copy.deepcopy(values)
         return values
     return copy.deepcopy(filled)
+
+
+def _apply_run_presets(config: dict) -> None:
+    """Write each run's preset (its own `preset`, else the shared one) into its objective overrides.
+
+    Runs before the schema fills defaults: only here can a key the config sets
+    (in the shared section or the run) be told from a schema default, and a
+    preset fills only the keys nobody set.
+    """
+    shared = config.get("objective") or {}
+    presets = _section_schema("objective").get("x-presets", {})
+    for run in (config.get("runs") or {}).values():
+        if not isinstance(run, dict) or not isinstance(run.get("objective", {}), dict):
+            continue  # the schema reports it
+        own = run.get("objective") or {}
+        preset = presets.get(own.get("preset", shared.get("preset") if isinstance(shared, dict) else None))
+        if preset:
+            run["objective"] = own | {key: copy.deepcopy(value) for key, value in preset.items()
+                                      if key not in own and key not in shared}
 
 
 def _apply_preset(name: str, values: dict) -> None:

@@ -207,6 +207,7 @@ class ObjectiveSettings(Section):
     image_side: str
     negatives_reduction: str
     grouping: str
+    head_lr_scale: float
     head_warmup_steps: int
     lambda_mode: str
     target_grad_ratio: float

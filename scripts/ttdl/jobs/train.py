@@ -74,15 +74,19 @@ def build_datasets(data: DataSettings, train: TrainSettings):
     return split_of(data, "train", train), split_of(data, "val")
 
 
-def parameter_groups(model: nn.Module, objective: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: everything decays except the heads' SigLIP logit scale and bias, which decay would
-    pull toward s = 1, b = 0 (the ill-posed fixed values the learned ones exist to leave)."""
-    no_decay = [p for name, p in objective.named_parameters()
-                if p.requires_grad and name.rsplit(".", 1)[-1] in SiglipLogitParams.NO_DECAY]
-    taken = {id(p) for p in no_decay}
-    decay = list(model.parameters()) + [p for p in objective.parameters() if p.requires_grad and id(p) not in taken]
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    return groups + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
+def parameter_groups(model: nn.Module, objective: nn.Module, lr: float, weight_decay: float,
+                     head_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW groups: the segmenter; the aux head at head_lr_scale × lr; its SigLIP logit scale and bias
+    at 10 × that and without weight decay, which would pull them toward s = 1, b = 0 (the ill-posed fixed
+    values the learned ones exist to leave). A fresh head has a few dozen steps of a finetune to fit."""
+    logit = [p for name, p in objective.named_parameters()
+             if p.requires_grad and name.rsplit(".", 1)[-1] in SiglipLogitParams.NO_DECAY]
+    taken = {id(p) for p in logit}
+    head = [p for p in objective.parameters() if p.requires_grad and id(p) not in taken]
+    groups = [{"params": list(model.parameters()), "lr": lr, "weight_decay": weight_decay},
+              {"params": head, "lr": lr * head_lr_scale, "weight_decay": weight_decay},
+              {"params": logit, "lr": lr * head_lr_scale * 10, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 @dataclass
@@ -141,7 +145,8 @@ class Trainer:
                              "start this run from a checkpoint of the same dataset and classes (or rerun its init run)")
             self.objective.carry_over_head(init.get("aux_head"), init_weights, log)
 
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, self.objective, tc.weight_decay), lr=tc.lr)
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, self.objective, tc.lr, tc.weight_decay,
+                                                            run.objective.head_lr_scale), lr=tc.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, tc.warmup_steps, self.total_steps, tc.schedule))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
