@@ -129,8 +129,11 @@ class DescriberTexts:
         self.describer, self.cache, self.class_names = describer, cache, class_names
         self.schedule, self.max_staleness = schedule, max_staleness_steps
         in_process = getattr(describer, "backend", "") == "rules"
-        # one thread drives the describer: an HTTP describer spreads a call's requests over its own pool
-        self.executor = InlineExecutor() if in_process or schedule == "sync" else ThreadPoolExecutor(1)
+        # An HTTP describer spreads a call's requests over its own pool of max_concurrency threads, which
+        # bounds what is in flight. Two threads here let the next batch's call queue its requests in that
+        # pool while this batch's last ones finish (FIFO: they stay behind them), so the pool does not idle
+        # at a step boundary waiting for one straggler.
+        self.executor = InlineExecutor() if in_process or schedule == "sync" else ThreadPoolExecutor(2)
         self.step = 0  # steps seen by this source (ages are counted in them)
         self.born: dict[str, int] = {}  # key -> step at which the mask its cached text describes was sent
         self.pending: dict[tuple[str, ...], InFlight] = {}  # lookahead: requests by the batch they are for
