@@ -38,8 +38,9 @@ def auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
     return float((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean())
 
 
-def same_class_swap(tb, items: TextItems, generator: torch.Generator) -> TextItems | None:
-    """Each text replaced by the text of another image's pair of the same class (None where there is none)."""
+def same_class_swap(tb, items: TextItems, generator: torch.Generator) -> tuple[TextItems, list[int]] | None:
+    """Each text replaced by the text of another image's pair of the same class, with the indices of the
+    items that had one (None when none had)."""
     by_class: dict[int, list[int]] = {}
     for i, p in enumerate(items.positions):
         by_class.setdefault(tb.classes[p], []).append(i)
@@ -129,7 +130,7 @@ def main() -> None:
         trainer.objective.close()
     cat = lambda parts: torch.cat(parts) if parts else torch.zeros(0)  # noqa: E731
     mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
-    scale, bias = (float(v) for v in probe.head.logit())
+    scale, bias = (float(v.detach()) for v in probe.head.logit())
     print(json.dumps({
         "run": run.run_id, "weights": args.weights, "train_batches": len(grads["cos_aux_ce"]),
         "grad_norm_ratio_aux_over_ce_unweighted": mean(grads["ratio_aux_ce"]),

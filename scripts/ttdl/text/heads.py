@@ -112,6 +112,11 @@ def normalised(cfg: ObjectiveSettings, *sides: torch.Tensor) -> tuple[torch.Tens
     return tuple(l2(x) for x in sides) if cfg.embedding_norm == "l2" else tuple(x.float() for x in sides)
 
 
+def zero_over_parameters(head: nn.Module) -> torch.Tensor:
+    """A graph-connected zero over a head's parameters (their grads exist, as 0, on steps without text)."""
+    return sum(p.sum() for p in head.parameters()) * 0
+
+
 class VariableSiglipHead(nn.Module):
     """3.1: texts mapped to B's width by a bias-free linear map; each text scored against every image feature.
 
@@ -134,15 +139,10 @@ class VariableSiglipHead(nn.Module):
                 img, txt = normalised(self.cfg, gap(bottleneck), self.mlp(emb))
                 return losses.variable_text_siglip(img, txt, owner, scale, bias, self.cfg.negatives_reduction)
             if not items.positions:
-                return bottleneck.float().sum() * 0 + txt_zero(self)
+                return bottleneck.float().sum() * 0 + zero_over_parameters(self)
             img, txt = normalised(self.cfg, image_side(self.cfg, tb, items, bottleneck, probs), self.mlp(emb))
             return losses.grouped_siglip(img, txt, owner, scale, bias, True, self.cfg.negatives_reduction,
                                          self.cfg.grouping)
-
-
-def txt_zero(head: nn.Module) -> torch.Tensor:
-    """A graph-connected zero over a head's parameters (their grads exist, as 0, on steps without text)."""
-    return sum(p.sum() for p in head.parameters()) * 0
 
 
 class GroupedSiglipHead(VariableSiglipHead):
@@ -150,7 +150,7 @@ class GroupedSiglipHead(VariableSiglipHead):
 
     def forward(self, tb, items, emb, bottleneck, probs=None, **_) -> torch.Tensor:
         if not items.positions:
-            return bottleneck.float().sum() * 0 + txt_zero(self)
+            return bottleneck.float().sum() * 0 + zero_over_parameters(self)
         scale, bias = self.logit()
         rows = pair_rows(tb, items, emb.device)
         with full_precision(bottleneck.device):
@@ -244,7 +244,7 @@ class PairedNegativesHead(nn.Module):
 
     def forward(self, tb, items, emb, bottleneck, **_) -> torch.Tensor:
         if not items.positions:
-            return bottleneck.float().sum() * 0 + txt_zero(self)
+            return bottleneck.float().sum() * 0 + zero_over_parameters(self)
         rows = pair_rows(tb, items, bottleneck.device)
         pos = emb.float().to(bottleneck.device)
         img = self.pool(bottleneck.float(), rows, pos)
@@ -275,7 +275,7 @@ class BottleneckAdapterHead(nn.Module):
 
     def forward(self, tb, items, emb, bottleneck, probs=None, **_) -> torch.Tensor:
         if not items.positions:
-            return bottleneck.float().sum() * 0 + txt_zero(self)
+            return bottleneck.float().sum() * 0 + zero_over_parameters(self)
         b = bottleneck.float()
         if self.detach:
             b = b.detach()
@@ -337,7 +337,7 @@ class PrFusionHead(nn.Module):
 
     def forward(self, tb, items, emb, bottleneck, probs=None, **_) -> torch.Tensor:
         if not items.positions:
-            return bottleneck.float().sum() * 0 + txt_zero(self)
+            return bottleneck.float().sum() * 0 + zero_over_parameters(self)
         rows = pair_rows(tb, items, bottleneck.device)
         img, txt = self.image_side(tb, items, bottleneck, probs), emb.float().to(bottleneck.device)
         scale, bias = self.logit()

@@ -161,7 +161,8 @@ class TextObjective(nn.Module):
             items = shuffle_texts(items, self.shuffle_generator)
         step.texts = len(items.texts)
         emb = self._embed(items.texts, bottleneck.device)
-        probs = torch.softmax(logits.detach().float(), dim=1)
+        # per-class probability maps: only the class-pooled image side reads them
+        probs = torch.softmax(logits.detach().float(), dim=1) if self.cfg.image_side == "masked" else None
         aux = self.head(tb=tb, items=items, emb=emb, bottleneck=bottleneck, pixel_ce=pixel_ce, valid=valid,
                         probs=probs)
         return aux, step
