@@ -229,3 +229,32 @@ def test_padding_cut_only_where_padding_is_masked(tiny_weights):
     root, _ = tiny_weights
     tiny = build_encoder(EncoderSettings.from_partial({"name": TINY, "weights": str(root / "tiny.pt")}))
     assert tiny._padding_id() is None
+
+
+def test_new_texts_are_embedded_in_length_sorted_chunks(enc, monkeypatch):
+    """Chunks of similar length pad little; each text keeps its own embedding, in the caller's order."""
+    enc.clear_text_cache()
+    texts = [f"{'very ' * n}long text number {n}" for n in (9, 0, 5, 1, 7, 2, 8, 3, 6, 4)]
+    chunks: list[list[str]] = []
+    tower = enc._tower_text
+    monkeypatch.setattr(enc, "_tower_text", lambda chunk: chunks.append(list(chunk)) or tower(chunk))
+    monkeypatch.setattr(enc, "text_batch_size", 4)
+    together = enc._frozen_text(texts, remember=False)
+    assert [len(c) for c in chunks] == [4, 4, 2] and enc._text_cache == {}
+    flat = [t for c in chunks for t in c]
+    assert sorted(flat) == sorted(texts) and [len(t) for t in flat] == sorted(len(t) for t in texts)
+    alone = torch.cat([tower([t]) for t in texts])  # each text in a batch of its own, no padding at all
+    assert torch.allclose(together, alone, atol=1e-5, rtol=0)
+
+
+def test_remembered_texts_skip_the_tower_at_use(enc, monkeypatch):
+    """What a describer worker embedded ahead is read from the text cache: the step runs no tower."""
+    enc.clear_text_cache()
+    enc.remember_texts(["the left half is missing", "too coarse along the boundary"])
+    calls: list[int] = []
+    tower = enc._tower_text
+    monkeypatch.setattr(enc, "_tower_text", lambda chunk: calls.append(len(chunk)) or tower(chunk))
+    used = enc.encode_text(["too coarse along the boundary", "the left half is missing"])
+    assert calls == []
+    expected = enc.encode_text(["a new text", "too coarse along the boundary"])
+    assert calls == [1] and torch.allclose(used[0], expected[1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 import pytest
@@ -317,3 +318,19 @@ def test_background_plans_around_keys_in_flight():
     finally:
         release.set()
         source.close()
+
+
+@pytest.mark.parametrize("schedule", ["sync", "lookahead"])
+def test_answers_are_embedded_where_the_schedule_describes(tiny_run, tmp_path, schedule):
+    """lookahead: the describer worker embeds each answer as it arrives, so the step runs no text tower;
+    sync: the step itself describes and embeds."""
+    run = tiny_run("t", objective=GROUPED, describer={"image_size": 48, "schedule": schedule})
+    trainer = Trainer(run, tmp_path / schedule, log=lambda *_: None)
+    encoder = trainer.objective.encoder[0]
+    where: list[str] = []
+    tower = encoder._tower_text
+    encoder._tower_text = lambda chunk: where.append(threading.current_thread().name) or tower(chunk)
+    trainer.fit()
+    worker = schedule == "lookahead"
+    assert where and all(name.startswith("ttdl-describer") == worker for name in where)
+    assert trainer.objective.total.texts > 0

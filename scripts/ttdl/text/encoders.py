@@ -83,7 +83,7 @@ class TextImageEncoder(nn.Module):
         freeze_text: bool = True,
         logit_scale: float = SIGLIP_INIT_LOGIT_SCALE,
         logit_bias: float = SIGLIP_INIT_LOGIT_BIAS,
-        text_batch_size: int = 256,
+        text_batch_size: int = 8,
     ) -> None:
         super().__init__()
         self.model = model
@@ -173,18 +173,38 @@ class TextImageEncoder(nn.Module):
             tokens = tokens[:, :width]
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
+    def _embed_new(self, texts: list[str]) -> dict[str, Tensor]:
+        """Tower embeddings of the texts not in the text cache, in length-sorted chunks of `text_batch_size`.
+
+        Sorted chunks pad little: 20 describer answers took 257 ms in chunks of 8 against
+        369 ms as one padded batch (one CPU thread, MiniLM); 200 took 3.0 s against 5.0 s.
+        """
+        known = self._text_cache
+        missing = sorted((t for t in dict.fromkeys(texts) if t not in known), key=len)
+        fresh: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for i in range(0, len(missing), self.text_batch_size):
+                chunk = missing[i : i + self.text_batch_size]
+                fresh.update(zip(chunk, self._tower_text(chunk)))
+        return fresh
+
     def _frozen_text(self, texts: list[str], remember: bool) -> Tensor:
         known = self._text_cache
-        missing = [t for t in dict.fromkeys(texts) if t not in known]
-        fresh: dict[str, Tensor] = {}
-        if missing:
-            with torch.no_grad():
-                for i in range(0, len(missing), self.text_batch_size):
-                    chunk = missing[i : i + self.text_batch_size]
-                    fresh.update(zip(chunk, self._tower_text(chunk)))
+        fresh = self._embed_new(texts)
         if remember:
             known.update(fresh)
         return torch.stack([known[t] if t in known else fresh[t] for t in texts]).to(self.device)
+
+    def remember_texts(self, texts: list[str]) -> None:
+        """Put the frozen embeddings of `texts` in the text cache ahead of their use.
+
+        Called from a describer's worker thread as answers arrive (lookahead), so the
+        tower runs beside the training step instead of inside it. A step that needs
+        a text the worker has not stored embeds it itself (equal up to float rounding:
+        the chunks differ).
+        """
+        if self.freeze_text and texts:
+            self._text_cache.update(self._embed_new(list(texts)))
 
     def encode_text(self, texts: list[str], remember: bool = True) -> Tensor:
         """Unit text embeddings [N, D]; frozen tower outputs come from (and go to) the text cache.

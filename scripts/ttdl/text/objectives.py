@@ -360,8 +360,10 @@ def build_objective(run: RunSettings, *, class_names: list[str], ignore_index: i
             cache.load_state_dict(state, source=cache_path)
         cache.provenance = produced_by
         describer = describer_for_run(run.describer, class_names, support_dataset)
+        # Matched (and shuffled) runs embed describer answers as they arrive; the controls replace them.
+        early_embed = encoder.remember_texts if cfg.text == "describer" else None
         describer_texts = DescriberTexts(describer, cache, class_names, run.describer.schedule,
-                                         run.describer.max_staleness_steps)
+                                         run.describer.max_staleness_steps, on_answers=early_embed)
         source = describer_texts
         if cfg.text == "class_name":
             source = AtDescribedPositions(describer_texts, class_name_texts(class_names))

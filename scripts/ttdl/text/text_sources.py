@@ -92,6 +92,23 @@ class InlineExecutor:
         return None
 
 
+def describer_executor(schedule: str, in_process: bool):
+    """Where a schedule runs describer calls (and `on_answers`).
+
+    sync: in the step. background with an in-process describer (rules): in the step too,
+    since which answers a step finds must not depend on timing. lookahead: in a worker,
+    for rules as well: a step waits for every answer planned for it, so the run stays
+    reproducible while the describer and the text tower run beside the step. An HTTP
+    describer spreads a call's requests over its own pool of max_concurrency threads,
+    which bounds what is in flight; two threads here let the next batch's call queue its
+    requests in that pool while this batch's last ones finish (FIFO: they stay behind
+    them), so the pool does not idle at a step boundary waiting for one straggler.
+    """
+    if schedule == "sync" or (in_process and schedule == "background"):
+        return InlineExecutor()
+    return ThreadPoolExecutor(1 if in_process else 2, thread_name_prefix="ttdl-describer")
+
+
 @dataclass
 class InFlight:
     """Describer requests sent for some keys, with the masks they describe and the step they were sent."""
@@ -112,8 +129,10 @@ class DescriberTexts:
     weights and sends its requests, so they fly while this step trains; the next
     step waits only for what has not arrived. background: a step plans, queues the
     changed keys that are not already in flight, and never waits; each pair uses the
-    freshest text the cache has within `max_staleness_steps`. Answers of an in-process
-    describer (rules) complete at submit, so every schedule is reproducible with it.
+    freshest text the cache has within `max_staleness_steps`. Every schedule is
+    reproducible with the in-process rules describer (see `describer_executor`).
+    `on_answers` runs in the describer's worker with each call's usable answers: the
+    objective embeds them there, so under lookahead the text tower runs beside the step.
     On every schedule a text whose mask moved too far (`cache.reuse_min_iou`) is not
     used; the pair is counted in `missing`.
 
@@ -123,17 +142,13 @@ class DescriberTexts:
     """
 
     def __init__(self, describer, cache: MaskTextCache, class_names: list[str], schedule: str = "sync",
-                 max_staleness_steps: int = 0):
+                 max_staleness_steps: int = 0, on_answers=None):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown describer schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
         self.describer, self.cache, self.class_names = describer, cache, class_names
         self.schedule, self.max_staleness = schedule, max_staleness_steps
-        in_process = getattr(describer, "backend", "") == "rules"
-        # An HTTP describer spreads a call's requests over its own pool of max_concurrency threads, which
-        # bounds what is in flight. Two threads here let the next batch's call queue its requests in that
-        # pool while this batch's last ones finish (FIFO: they stay behind them), so the pool does not idle
-        # at a step boundary waiting for one straggler.
-        self.executor = InlineExecutor() if in_process or schedule == "sync" else ThreadPoolExecutor(2)
+        self.on_answers = on_answers  # called in the worker with each call's usable answers (embeds them early)
+        self.executor = describer_executor(schedule, in_process=getattr(describer, "backend", "") == "rules")
         self.step = 0  # steps seen by this source (ages are counted in them)
         self.born: dict[str, int] = {}  # key -> step at which the mask its cached text describes was sent
         self.pending: dict[tuple[str, ...], InFlight] = {}  # lookahead: requests by the batch they are for
@@ -192,8 +207,15 @@ class DescriberTexts:
 
     def _send(self, tb: TextBatch, positions: list[int], masks: Tensor, plan: CachePlan | None = None) -> InFlight:
         requests = tb.requests(positions, self.class_names)
-        future = self.executor.submit(self.describer.describe, requests)
+        future = self.executor.submit(self._describe, requests)
         return InFlight([tb.keys[p] for p in positions], masks[positions], self.step, future, plan, tuple(tb.keys))
+
+    def _describe(self, requests: list) -> list[str | None]:
+        """The executor's job: the describer's answers, then (`on_answers`) whatever the answers need next."""
+        answers = self.describer.describe(requests)
+        if self.on_answers is not None:
+            self.on_answers([text for text in answers if text is not None])
+        return answers
 
     def _receive(self, sent: InFlight, counters: Counters) -> list[str | None]:
         started = time.monotonic()
