@@ -2,7 +2,9 @@
 """Benchmark of the text branch, measured in one run on the configured data.
 
 Prints
-(1) the text-finetune step time over the CE step time with a warm cache;
+(1) the text-finetune step time over the CE step time with a warm cache, for the
+    percentile and the budget cache policies (sync) and under the lookahead schedule;
+    a CE step runs after each timed text step (the host's speed drifts over minutes);
 (2) describer calls per (image, class) pair per epoch for the cache policies:
     the percentile policy with our flags and with the original's, and the budget
     policy (capped at `--budget-calls-per-pair`); with the val mIoU each reached,
@@ -31,6 +33,7 @@ import importlib.util
 import statistics
 import tempfile
 import time
+from concurrent import futures
 from pathlib import Path
 
 import torch
@@ -58,15 +61,17 @@ class StepTimer:
         self.max_steps: int | None = None
         self.max_s: float | None = None
         self._epoch_start = 0
+        self.between = None  # called after each step, outside the timed span (an interleaved CE step)
 
     def start_epoch(self, max_steps: int | None = None, max_s: float | None = None) -> None:
         self._last = time.perf_counter()
         self.max_steps, self.max_s, self._epoch_start = max_steps, max_s, len(self.times)
 
     def __call__(self, trainer: Trainer, logs: dict) -> None:
-        now = time.perf_counter()
-        self.times.append(now - self._last)
-        self._last = now
+        self.times.append(time.perf_counter() - self._last)
+        if self.between is not None:
+            self.times[-1] += self.between()  # it returns the seconds it charges to the step
+        self._last = time.perf_counter()
         done = self.times[self._epoch_start:]
         if (self.max_steps and len(done) >= self.max_steps) or (self.max_s and sum(done) >= self.max_s):
             raise EnoughSteps
@@ -127,36 +132,89 @@ def policies(args) -> dict[str, dict]:
             "budget": budget}
 
 
-def bench_policies(config: dict, args, ce_median: float) -> None:
+class CeReference:
+    """CE steps interleaved with the timed text steps: one CE step after each text step.
+
+    The host's speed drifts by tens of percent over minutes (one CE epoch measured at the
+    start read anywhere from 600 to 1000 ms a step), so a ratio divides text steps by CE
+    steps taken between them. The CE trainer walks its own epochs' batches in order.
+    """
+
+    def __init__(self, config: dict, args):
+        self.trainer, _ = make_trainer(config, args.ce_run, args, cache=False)
+        self.times: list[float] = []
+        self._batches = iter(())
+        self._epoch = 0
+        self.step()  # the first step pays one-off start-up costs
+        self.times.clear()
+
+    def step(self) -> None:
+        started = time.perf_counter()
+        batch = next(self._batches, None)
+        if batch is None:
+            self._batches = iter(self.trainer.epoch_loader(self._epoch))
+            self._epoch += 1
+            batch = next(self._batches)
+        self.trainer.train_step(batch)
+        self.times.append(time.perf_counter() - started)
+
+    def interleaved(self, timer: StepTimer, on: bool, text: Trainer | None = None) -> list[float]:
+        """Interleave with `timer`'s steps from now (`on`), or stop; the CE step times since the last call.
+
+        With `text`, each CE step first waits for the describer work that text run has in
+        flight (lookahead's worker), charging the wait to the text step: that work must not
+        run beside the CE step, which would slow the reference and flatter the text run.
+        """
+        def between() -> float:
+            started = time.perf_counter()
+            source = getattr(text.objective, "describer_texts", None) if text is not None else None
+            for sent in list(getattr(source, "pending", {}).values()):
+                futures.wait([sent.future])
+            waited = time.perf_counter() - started
+            self.step()
+            return waited
+
+        timer.between = between if on else None
+        taken, self.times = self.times, []
+        return taken
+
+
+def step_ratio_line(args, state: str, text_times: list[float], ce_times: list[float]) -> None:
+    text, ce = statistics.median(text_times), statistics.median(ce_times)
+    print(f"text step ({args.text_run}, {state}): median {text * 1000:.0f} ms over {len(text_times)} steps; "
+          f"CE step ({args.ce_run}) interleaved: median {ce * 1000:.0f} ms over {len(ce_times)} steps", flush=True)
+    print(f"RATIO text-finetune step / CE step ({state}): {text / ce:.2f}", flush=True)
+
+
+def bench_policies(config: dict, args, ce: CeReference) -> None:
     calls_per_pair: dict[str, list[float]] = {}
     mious: dict[str, list[list[float]]] = {label: [] for label in policies(args)}
     for seed_index in range(args.seeds):
         seed = None if seed_index == 0 else seed_index  # the first: the config's own seed
         for label, over in policies(args).items():
             text, timer = make_trainer(config, args.text_run, args, cache=True, cache_over=over, seed=seed)
-            per_epoch, warm_times, miou = [], [], []
+            timed = seed_index == 0 and label in ("ours", "budget")
+            per_epoch, warm_times, ce_times, miou = [], [], [], []
             for epoch in range(args.epochs):
+                warm = epoch > 0 or args.epochs == 1  # a short bench: epoch 1 after its first step (a cold cache)
+                ce.interleaved(timer, on=timed and warm, text=text)
                 times = timed_epoch(text, timer)
+                ce_times += ce.interleaved(timer, on=False)
                 counters = text.objective.epoch_counters
                 per_epoch.append(counters.calls / max(counters.pairs, 1))
                 miou.append(text.history.rows[-1]["val_miou"])
-                if epoch > 0:
-                    warm_times += times
-                elif args.epochs == 1:  # a short bench: epoch 1 after its first step (the cache is not warm)
-                    warm_times += times[1:]
+                if warm:
+                    warm_times += times if epoch > 0 else times[1:]
             text.objective.close()
             mious[label].append(miou)
             if seed_index:
                 continue
             calls_per_pair[label] = per_epoch
-            if label in ("ours", "budget"):
-                warm = statistics.median(warm_times)
+            if timed:
                 what = "" if label == "ours" else f", cache policy {label!r}"
                 state = (f"warm cache{what}, epochs 2..{args.epochs}" if args.epochs > 1
                          else f"cold cache{what}, epoch 1")
-                print(f"text step ({args.text_run}, {state}): median "
-                      f"{warm * 1000:.0f} ms over {len(warm_times)} steps", flush=True)
-                print(f"RATIO text-finetune step / CE step ({state}): {warm / ce_median:.2f}", flush=True)
+                step_ratio_line(args, state, warm_times, ce_times)
     budget = text_cache_settings(config, args, policies(args)["budget"])
     for label, values in calls_per_pair.items():
         shown = ", ".join(f"epoch {i + 1}: {v:.3f}" for i, v in enumerate(values))
@@ -182,6 +240,26 @@ def bench_policies(config: dict, args, ce_median: float) -> None:
 
 def text_cache_settings(config: dict, args, over: dict):
     return RunSettings.from_dict(resolve_run(config, args.text_run)).cache.replace(**over)
+
+
+def bench_step_schedules(config: dict, args, ce: CeReference) -> None:
+    """The warm text step under the other schedules with the rules describer (sync is the line above).
+
+    lookahead pays a no-grad forward of the next batch in the step and runs the describer
+    and the text tower for that batch in a worker beside it (a second core);
+    background with the rules describer describes in the step (timing must not choose
+    texts), so its step time says nothing new and is left out.
+    """
+    for schedule in [s for s in schedules() if s == "lookahead"]:
+        text, timer = make_trainer(config, args.text_run, args, cache=True, describer_over={"schedule": schedule})
+        try:
+            timed_epoch(text, timer)  # warms the cache
+            ce.interleaved(timer, on=True, text=text)
+            times = timed_epoch(text, timer)
+            ce_times = ce.interleaved(timer, on=False)
+        finally:
+            text.objective.close()
+        step_ratio_line(args, f"warm cache, schedule {schedule!r}, epoch 2", times, ce_times)
 
 
 # ---- (3) and (4): against latency -----------------------------------------------------------------
@@ -323,18 +401,19 @@ def main() -> None:
                         help="llama.cpp: stop after the step that passes this many seconds")
     parser.add_argument("--llama-threads", type=int, default=2)
     parser.add_argument("--llama-max-tokens", type=int, default=16)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["policies", "latency", "testserver", "llama"],
-                        help="leave parts out (latency: the test server and llama.cpp)")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["policies", "schedules", "latency", "testserver", "llama"],
+                        help="leave parts out (latency: the test server and llama.cpp; schedules: the lookahead "
+                             "step time)")
     args = parser.parse_args()
     config = load_config(args.config)
     started = time.monotonic()
 
     if "policies" not in args.skip:
-        ce, ce_timer = make_trainer(config, args.ce_run, args, cache=False)
-        ce_times = timed_epoch(ce, ce_timer)[1:]  # the first step pays one-off start-up costs
-        ce_median = statistics.median(ce_times)
-        print(f"CE step ({args.ce_run}): median {ce_median * 1000:.0f} ms over {len(ce_times)} steps", flush=True)
-        bench_policies(config, args, ce_median)
+        ce = CeReference(config, args)
+        bench_policies(config, args, ce)
+        if "schedules" not in args.skip:
+            bench_step_schedules(config, args, ce)
     if "latency" not in args.skip:
         bench_latency(config, args)
     print(f"(torch threads {torch.get_num_threads()}, bench wall {time.monotonic() - started:.0f} s)")
