@@ -29,11 +29,15 @@ locked = command -v flock >/dev/null || { echo "make: needs flock(1) (util-linux
 all: $(STAMP)  ## run the whole experiment matrix (results/summary.md); rerun after any kill
 	$(call locked,$(SNAKEMAKE) all)
 
+# Test files run side by side in CORES processes (pytest-xdist); a file's tests stay in one
+# process, so module fixtures are built once.
+PYTEST = $(VENV)/bin/python -m pytest -n $(CORES) --dist loadfile
+
 test: $(STAMP)  ## run the test suite (all of it, the slow end-to-end workflow runs included)
-	$(VENV)/bin/python -m pytest
+	$(PYTEST)
 
 test-fast: $(STAMP)  ## the test suite without the `slow` end-to-end workflow runs (for iterating)
-	$(VENV)/bin/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 venv: $(STAMP)  ## create the virtual environment only
 
