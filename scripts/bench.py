@@ -243,12 +243,12 @@ def text_cache_settings(config: dict, args, over: dict):
 
 
 def bench_step_schedules(config: dict, args, ce: CeReference) -> None:
-    """The warm text step under the other schedules with the rules describer (sync is the line above).
+    """The warm text step under lookahead with the rules describer (sync is the line above).
 
-    lookahead pays a no-grad forward of the next batch in the step and runs the describer
-    and the text tower for that batch in a worker beside it (a second core);
-    background with the rules describer describes in the step (timing must not choose
-    texts), so its step time says nothing new and is left out.
+    It shows what the lookahead's no-grad forward of the next batch costs when there is
+    no latency to hide: the rules describer and the text tower run in the step on every
+    schedule (reproducible runs). background with the rules describer does sync's work
+    in the step, so its step time says nothing new and is left out.
     """
     for schedule in [s for s in schedules() if s == "lookahead"]:
         text, timer = make_trainer(config, args.text_run, args, cache=True, describer_over={"schedule": schedule})

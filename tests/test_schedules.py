@@ -6,6 +6,7 @@ import csv
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import pytest
@@ -321,9 +322,8 @@ def test_background_plans_around_keys_in_flight():
 
 
 @pytest.mark.parametrize("schedule", ["sync", "lookahead"])
-def test_answers_are_embedded_where_the_schedule_describes(tiny_run, tmp_path, schedule):
-    """lookahead: the describer worker embeds each answer as it arrives, so the step runs no text tower;
-    sync: the step itself describes and embeds."""
+def test_rules_answers_are_embedded_in_the_step(tiny_run, tmp_path, schedule):
+    """The rules describer and the text tower run in the step on every schedule (reproducible runs)."""
     run = tiny_run("t", objective=GROUPED, describer={"image_size": 48, "schedule": schedule})
     trainer = Trainer(run, tmp_path / schedule, log=lambda *_: None)
     encoder = trainer.objective.encoder[0]
@@ -331,6 +331,58 @@ def test_answers_are_embedded_where_the_schedule_describes(tiny_run, tmp_path, s
     tower = encoder._tower_text
     encoder._tower_text = lambda chunk: where.append(threading.current_thread().name) or tower(chunk)
     trainer.fit()
-    worker = schedule == "lookahead"
-    assert where and all(name.startswith("ttdl-describer") == worker for name in where)
+    assert where and set(where) == {threading.main_thread().name}
     assert trainer.objective.total.texts > 0
+
+
+class Staggered(KeyEcho):
+    """A server-like describer: `submit` answers each request when the test releases it."""
+
+    backend = "openai"
+
+    def __init__(self):
+        super().__init__()
+        self.release: dict[str, threading.Event] = {}
+        self.pool = ThreadPoolExecutor(4)
+
+    def submit(self, requests):
+        def answer(key):
+            self.release.setdefault(key, threading.Event()).wait(30)
+            if key == "v-2" and "fail" in self.release:
+                raise ConnectionError("server gone")
+            return f"about {key}"
+
+        return [self.pool.submit(answer, r.key) for r in requests]
+
+
+def test_server_answers_are_embedded_as_they_arrive():
+    """lookahead with a server: `on_answers` sees the first answer before the last has arrived, the step
+    gets every answer in request order, and a failed request fails the call."""
+    describer = Staggered()
+    embedded: list[list[str]] = []
+    arrived = threading.Event()
+    source = source_with(schedule="lookahead", describer=describer)
+    source.on_answers = lambda texts: embedded.append(texts) or arrived.set()
+    pr = torch.zeros(1, 4, 4, dtype=torch.long)
+    pr[0, :2, :2], pr[0, 2:, 2:] = 1, 2
+    try:
+        counters, items = Counters(), []
+        step = threading.Thread(target=lambda: items.append(source(text_batch(["u"], pr), counters)))
+        step.start()
+        describer.release.setdefault("u-1", threading.Event()).set()
+        assert arrived.wait(10) and embedded == [["about u-1"]]  # u-2 still in flight
+        describer.release.setdefault("u-2", threading.Event()).set()
+        step.join(10)
+        assert embedded == [["about u-1"], ["about u-2"]] and counters.calls == 2
+        assert items[0].texts == ["about u-1", "about u-2"]
+        failing = source._send(text_batch(["v"], pr), [0, 1], pr.expand(2, 4, 4))
+        describer.release["fail"] = threading.Event()
+        for key in ("v-1", "v-2"):
+            describer.release.setdefault(key, threading.Event()).set()
+        with pytest.raises(ConnectionError, match="server gone"):
+            failing.future.result(10)
+    finally:
+        for event in describer.release.values():
+            event.set()
+        source.close()
+        describer.pool.shutdown()

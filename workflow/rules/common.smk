@@ -125,8 +125,8 @@ def summary_inputs(wildcards):
 
 def job_threads(wildcards):
     """A job's CPU threads: its run's train.threads (1 by default: jobs run side by side), one more for a
-    lookahead describer run, whose worker describes and embeds the next batch beside the step."""
+    run whose server describer works off the step (lookahead, background): its worker embeds the answers."""
     run = run_settings(wildcards.run)
     described = run["objective"]["name"] != "none" and run["objective"]["text"] in ("describer", "class_name", "onehot")
-    worker = described and run["describer"]["schedule"] == "lookahead"
+    worker = described and run["describer"]["backend"] != "rules" and run["describer"]["schedule"] != "sync"
     return run["train"]["threads"] + int(worker)

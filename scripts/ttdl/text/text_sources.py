@@ -6,6 +6,7 @@ counts what it did in Counters, the one count of describer traffic of a run.
 from __future__ import annotations
 
 import time
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -95,18 +96,18 @@ class InlineExecutor:
 def describer_executor(schedule: str, in_process: bool):
     """Where a schedule runs describer calls (and `on_answers`).
 
-    sync: in the step. background with an in-process describer (rules): in the step too,
-    since which answers a step finds must not depend on timing. lookahead: in a worker,
-    for rules as well: a step waits for every answer planned for it, so the run stays
-    reproducible while the describer and the text tower run beside the step. An HTTP
-    describer spreads a call's requests over its own pool of max_concurrency threads,
-    which bounds what is in flight; two threads here let the next batch's call queue its
-    requests in that pool while this batch's last ones finish (FIFO: they stay behind
-    them), so the pool does not idle at a step boundary waiting for one straggler.
+    In the step for sync and for an in-process describer (rules) on any schedule: its
+    answers complete at submit, so every schedule stays reproducible. (A worker thread
+    would let the text tower run beside the step, but its float rounding then depends on
+    what the main thread allocates meanwhile: two lookahead runs differed at 1e-6.)
+    An HTTP describer spreads a call's requests over its own pool of max_concurrency
+    threads, which bounds what is in flight; two threads here let the next batch's call
+    queue its requests in that pool while this batch's last ones finish (FIFO: they stay
+    behind them), so the pool does not idle at a step boundary waiting for one straggler.
     """
-    if schedule == "sync" or (in_process and schedule == "background"):
+    if schedule == "sync" or in_process:
         return InlineExecutor()
-    return ThreadPoolExecutor(1 if in_process else 2, thread_name_prefix="ttdl-describer")
+    return ThreadPoolExecutor(2, thread_name_prefix="ttdl-describer")
 
 
 @dataclass
@@ -131,8 +132,9 @@ class DescriberTexts:
     changed keys that are not already in flight, and never waits; each pair uses the
     freshest text the cache has within `max_staleness_steps`. Every schedule is
     reproducible with the in-process rules describer (see `describer_executor`).
-    `on_answers` runs in the describer's worker with each call's usable answers: the
-    objective embeds them there, so under lookahead the text tower runs beside the step.
+    `on_answers` gets the usable answers as they arrive, where the call runs: the
+    objective embeds them there, so with an HTTP describer under lookahead or background
+    the text tower runs in the worker while the call waits for its slower answers.
     On every schedule a text whose mask moved too far (`cache.reuse_min_iou`) is not
     used; the pair is counted in `missing`.
 
@@ -211,11 +213,27 @@ class DescriberTexts:
         return InFlight([tb.keys[p] for p in positions], masks[positions], self.step, future, plan, tuple(tb.keys))
 
     def _describe(self, requests: list) -> list[str | None]:
-        """The executor's job: the describer's answers, then (`on_answers`) whatever the answers need next."""
-        answers = self.describer.describe(requests)
-        if self.on_answers is not None:
-            self.on_answers([text for text in answers if text is not None])
-        return answers
+        """The executor's job: the describer's answers in request order, each passed to `on_answers` as it
+        arrives (in the groups that arrive together), so embedding the first answers overlaps waiting for
+        the last and only the last few are embedded after the call's slowest request."""
+        submit = getattr(self.describer, "submit", None)
+        if self.on_answers is None or submit is None:
+            answers = self.describer.describe(requests)
+            if self.on_answers is not None:
+                self.on_answers([text for text in answers if text is not None])
+            return answers
+        sent = submit(requests)
+        try:
+            waiting = set(sent)
+            while waiting:
+                done, waiting = futures.wait(waiting, return_when=futures.FIRST_COMPLETED)
+                arrived = [f.result() for f in done]  # a failed request raises here, as in `describe`
+                self.on_answers([text for text in arrived if text is not None])
+            return [f.result() for f in sent]
+        except BaseException:
+            for f in sent:
+                f.cancel()
+            raise
 
     def _receive(self, sent: InFlight, counters: Counters) -> list[str | None]:
         started = time.monotonic()
