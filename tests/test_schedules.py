@@ -386,3 +386,26 @@ def test_server_answers_are_embedded_as_they_arrive():
             event.set()
         source.close()
         describer.pool.shutdown()
+
+
+def test_a_call_whose_requests_are_cancelled_ends_instead_of_hanging():
+    """Closing the describer cancels its queued requests: the call waiting on them fails at once (it used to
+    wait forever, and the process could not exit)."""
+    from concurrent.futures import CancelledError
+
+    describer = Staggered()
+    describer.pool = ThreadPoolExecutor(1)  # one request runs, the other waits in the queue
+    source = source_with(schedule="lookahead", describer=describer)
+    source.on_answers = lambda texts: None
+    pr = torch.zeros(1, 4, 4, dtype=torch.long)
+    pr[0, :2, :2], pr[0, 2:, 2:] = 1, 2
+    try:
+        sent = source._send(text_batch(["w"], pr), [0, 1], pr.expand(2, 4, 4))
+        describer.pool.shutdown(wait=False, cancel_futures=True)  # what describer.close() does
+        describer.release.setdefault("w-1", threading.Event()).set()
+        with pytest.raises(CancelledError):
+            sent.future.result(10)
+    finally:
+        for event in describer.release.values():
+            event.set()
+        source.close()

@@ -5,8 +5,8 @@ counts what it did in Counters, the one count of describer traffic of a run.
 """
 from __future__ import annotations
 
+import queue
 import time
-from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -223,11 +223,19 @@ class DescriberTexts:
                 self.on_answers([text for text in answers if text is not None])
             return answers
         sent = submit(requests)
+        # Done-callbacks, not futures.wait: a future cancelled by its pool's shutdown runs its callbacks
+        # but never wakes wait()'s waiters, which left the worker (and the process's exit) hanging.
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        for f in sent:
+            f.add_done_callback(done.put)
         try:
-            waiting = set(sent)
-            while waiting:
-                done, waiting = futures.wait(waiting, return_when=futures.FIRST_COMPLETED)
-                arrived = [f.result() for f in done]  # a failed request raises here, as in `describe`
+            remaining = len(sent)
+            while remaining:
+                group = [done.get()]  # blocks until the next answer; then takes all that came with it
+                while not done.empty():
+                    group.append(done.get_nowait())
+                remaining -= len(group)
+                arrived = [f.result() for f in group]  # a failed or cancelled request raises here
                 self.on_answers([text for text in arrived if text is not None])
             return [f.result() for f in sent]
         except BaseException:
