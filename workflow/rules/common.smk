@@ -125,8 +125,9 @@ def summary_inputs(wildcards):
 
 def job_threads(wildcards):
     """A job's CPU threads: its run's train.threads (1 by default: jobs run side by side), one more for a
-    run whose server describer works off the step (lookahead, background): its worker embeds the answers."""
+    matched-text run whose server describer works off the step (lookahead, background): its worker embeds
+    the answers (the controls replace the answers, so nothing is embedded there)."""
     run = run_settings(wildcards.run)
-    described = run["objective"]["name"] != "none" and run["objective"]["text"] in ("describer", "class_name", "onehot")
-    worker = described and run["describer"]["backend"] != "rules" and run["describer"]["schedule"] != "sync"
+    embeds = run["objective"]["name"] != "none" and run["objective"]["text"] == "describer"
+    worker = embeds and run["describer"]["backend"] != "rules" and run["describer"]["schedule"] != "sync"
     return run["train"]["threads"] + int(worker)

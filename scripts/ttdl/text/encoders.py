@@ -198,10 +198,10 @@ class TextImageEncoder(nn.Module):
     def remember_texts(self, texts: list[str]) -> None:
         """Put the frozen embeddings of `texts` in the text cache ahead of their use.
 
-        Called from a describer's worker thread as answers arrive (lookahead), so the
-        tower runs beside the training step instead of inside it. A step that needs
-        a text the worker has not stored embeds it itself (equal up to float rounding:
-        the chunks differ).
+        Called with a describer call's answers as they arrive: in a server describer's
+        worker (lookahead, background) the tower then runs while the call waits for its
+        slower answers; in the step (sync, rules) it runs as before. A step that needs a
+        text not stored yet embeds it itself (equal up to float rounding: the chunks differ).
         """
         if self.freeze_text and texts:
             self._text_cache.update(self._embed_new(list(texts)))
