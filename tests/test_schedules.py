@@ -397,10 +397,20 @@ def test_a_call_whose_requests_are_cancelled_ends_instead_of_hanging():
     describer.pool = ThreadPoolExecutor(1)  # one request runs, the other waits in the queue
     source = source_with(schedule="lookahead", describer=describer)
     source.on_answers = lambda texts: None
+    submitted = threading.Event()
+    submit = describer.submit
+
+    def submit_then_signal(requests):
+        futures = submit(requests)
+        submitted.set()
+        return futures
+
+    describer.submit = submit_then_signal
     pr = torch.zeros(1, 4, 4, dtype=torch.long)
     pr[0, :2, :2], pr[0, 2:, 2:] = 1, 2
     try:
         sent = source._send(text_batch(["w"], pr), [0, 1], pr.expand(2, 4, 4))
+        assert submitted.wait(10)  # both requests are with the pool before it is shut down
         describer.pool.shutdown(wait=False, cancel_futures=True)  # what describer.close() does
         describer.release.setdefault("w-1", threading.Event()).set()
         with pytest.raises(CancelledError):
