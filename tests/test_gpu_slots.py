@@ -134,3 +134,32 @@ def test_wrapper_cli_on_cpu_passes_exit_code_and_hides_gpus(tmp_path) -> None:
     proc = subprocess.run([sys.executable, str(WRAPPER), "--"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "give the command after --" in proc.stderr
     assert gpu_slots.DEFAULT_LOCK_DIR.startswith(".snakemake/")
+
+
+def test_a_second_copy_of_a_job_waits_for_the_first_and_other_jobs_do_not(tmp_path) -> None:
+    """An orphan left by a killed Snakemake and the rerun's copy of its job never run at once."""
+    env = wrapper_env(TTDL_GPUS="none")
+
+    def job(key: str, name: str) -> subprocess.Popen:
+        cmd = [sys.executable, str(WRAPPER), "--job-lock", key, "--job-lock-dir", str(tmp_path / "jobs"),
+               "--", sys.executable, "-c", JOB, str(tmp_path / name)]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+
+    first = job("logs/train/a.log", "first")
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "jobs/logs/train/a.log.lock").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second, other = job("logs/train/a.log", "second"), job("logs/train/b.log", "other")
+    outputs = [p.communicate(timeout=30)[0] for p in (first, second, other)]
+    assert [p.returncode for p in (first, second, other)] == [0, 0, 0]
+    span = {name: json.loads((tmp_path / name).read_text()) for name in ("first", "second", "other")}
+    assert span["second"]["start"] >= span["first"]["end"], "two copies of one job ran at once"
+    assert "still runs this job (logs/train/a.log" in outputs[1] and f"pid {first.pid}" in outputs[1]
+    assert span["other"]["start"] < span["first"]["end"], "a different job waited too"
+    assert "waiting" not in outputs[0] + outputs[2]
+
+
+def test_job_lock_keys_must_stay_inside_the_lock_folder(tmp_path) -> None:
+    for key in ("/etc/x", "../x", "a/../../x", ""):
+        with pytest.raises(ValueError, match="relative path"):
+            gpu_slots.hold_job_lock(key, tmp_path)

@@ -124,7 +124,8 @@ def test_dry_run_of_the_31_chain_target(default_copy) -> None:
     assert job_stats(text)["train"] == 1
     assert train_jobs(text) == {"3.1/phase1"}
     assert "--out results/3.1/phase1" in text
-    assert "python scripts/with_gpu_slot.py -- python scripts/train.py --run-json" in text  # on a GPU slot
+    # on a GPU slot, holding the job's lock
+    assert "python scripts/with_gpu_slot.py --job-lock logs/train/3.1/phase1.log -- python scripts/train.py" in text
 
 
 def planned_inputs(text: str, rule: str) -> set[str]:

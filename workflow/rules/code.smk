@@ -22,8 +22,10 @@ IMPORT = re.compile(
 
 
 def gpu_job(cmd):
-    """The shell command `cmd` run on a GPU slot of its own (see scripts/with_gpu_slot.py)."""
-    return f"python scripts/with_gpu_slot.py -- {cmd}"
+    """The shell command `cmd` run on a GPU slot of its own, holding its job's lock (its log path),
+    so an orphan of a killed Snakemake and the rerun's copy never run one job at once
+    (see scripts/with_gpu_slot.py)."""
+    return f"python scripts/with_gpu_slot.py --job-lock {{log:q}} -- {cmd}"
 
 
 @functools.cache

@@ -24,6 +24,12 @@ runs on the CPU: no lock, and `CUDA_VISIBLE_DEVICES=""` so it cannot grab one.
 Describer servers: with `TTDL_DESCRIBER_URLS="http://h:11434,http://h:11435"`
 the job on slot i gets `TTDL_DESCRIBER_BASE_URL` = entry i mod n (one server
 per GPU); `TTDL_GPU_SLOT` always carries the slot index.
+
+One process per job: a job's command also holds a lock named after the job (its
+log path, `--job-lock`), on the CPU too. Killing Snakemake alone (not its process
+group) leaves its jobs running as orphans; the rerun's copy of such a job then
+waits for the orphan to end and resumes from what it left, instead of training
+the same run in two processes at once.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 DEFAULT_LOCK_DIR = ".snakemake/gpu_slots"
+JOB_LOCK_DIR = ".snakemake/job_locks"
 ENV_GPUS = "TTDL_GPUS"
 ENV_LOCK_DIR = "TTDL_GPU_SLOT_DIR"
 ENV_DESCRIBER_URLS = "TTDL_DESCRIBER_URLS"
@@ -142,8 +149,7 @@ def acquire(
             fd = _try_lock(path)
             if fd is None:
                 continue
-            os.ftruncate(fd, 0)  # who holds it, for people looking at the folder
-            os.write(fd, f"pid {os.getpid()}\n".encode())
+            _mark_holder(fd)
             return Slot(index, gpu, path, fd, urls[index % len(urls)] if urls else None)
         if deadline is not None and time.monotonic() >= deadline:
             raise TimeoutError(f"all {len(gpus)} GPU slots in {root} stayed busy for {timeout} s "
@@ -161,16 +167,47 @@ def gpu_slot(**kwargs) -> Iterator[Slot]:
         slot.release()
 
 
-def exec_with_slot(cmd: list[str], **kwargs) -> None:
-    """Take a slot and replace this process by `cmd` with the slot's environment.
+def _mark_holder(fd: int) -> None:
+    os.ftruncate(fd, 0)  # who holds it, for people (and waiters) looking at the file
+    os.write(fd, f"pid {os.getpid()}\n".encode())
 
-    exec keeps the locked descriptor (made inheritable) in the command itself,
-    so the slot lives exactly as long as the command and whatever it forks, and
+
+def hold_job_lock(key: str, lock_dir: str | os.PathLike | None = None, say=print) -> int:
+    """The descriptor of job `key`'s lock, waiting (and saying so) while another process holds it.
+
+    `key` is a relative path naming the job (the workflow passes its log path).
+    """
+    parts = Path(key).parts
+    if not parts or Path(key).is_absolute() or ".." in parts:
+        raise ValueError(f"job lock key {key!r} must be a relative path without '..'")
+    path = Path(lock_dir or JOB_LOCK_DIR) / f"{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _try_lock(path)
+    if fd is None:
+        holder = path.read_text(errors="replace").strip() or "another process"
+        say(f"with_gpu_slot: {holder} still runs this job ({key}; left running by a killed Snakemake?): "
+            f"waiting for it to end, then this one resumes from what it left", flush=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until the holder exits, however it exits
+    _mark_holder(fd)
+    return fd
+
+
+def exec_with_slot(cmd: list[str], *, job_key: str | None = None, job_lock_dir: str | os.PathLike | None = None,
+                   **kwargs) -> None:
+    """Take the job's lock (when `job_key` is given) and a slot, then replace this process by `cmd`
+    with the slot's environment.
+
+    exec keeps the locked descriptors (made inheritable) in the command itself,
+    so the locks live exactly as long as the command and whatever it forks, and
     Snakemake's signals reach the real job, not a wrapper.
     """
     if not cmd:
         raise ValueError("no command given")
+    held = [] if job_key is None else [hold_job_lock(job_key, job_lock_dir)]
     slot = acquire(**kwargs)
     if slot.fd is not None:
-        os.set_inheritable(slot.fd, True)
+        held.append(slot.fd)
+    for fd in held:
+        os.set_inheritable(fd, True)
     os.execvpe(cmd[0], cmd, slot.env())
