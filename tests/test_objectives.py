@@ -104,7 +104,7 @@ def test_text_run_saves_cache_and_aux_head(tiny_run, tmp_path):
 def test_prefill_records_every_significant_pair_without_text(tiny_run, tmp_path):
     run = tiny_run("t", objective={"name": "grouped_siglip"}, **TEXT)
     trainer = Trainer(run, tmp_path / "out", log=lambda *_: None)
-    save_torch(tmp_path / "w.pth", {"model": trainer.model.state_dict()})
+    save_torch(tmp_path / "w.pth", {"model": trainer.model.state_dict(), "provenance": trainer.provenance})
     info = prefill_cache(run, str(tmp_path / "w.pth"), tmp_path / "prefill.pt")
     state = load_torch(tmp_path / "prefill.pt")
     assert info["keys"] == len(state["keys"]) >= len(trainer.train_set)  # at least one class per image
@@ -260,7 +260,7 @@ def test_summary_reports_answer_statistics(tiny_run, tmp_path):
 def test_a_cache_from_another_describer_is_refused_naming_what_differs(tiny_run, tmp_path):
     run = tiny_run("t", objective={"name": "grouped_siglip"}, **TEXT)
     trainer = Trainer(run, tmp_path / "out", log=lambda *_: None)
-    save_torch(tmp_path / "w.pth", {"model": trainer.model.state_dict()})
+    save_torch(tmp_path / "w.pth", {"model": trainer.model.state_dict(), "provenance": trainer.provenance})
     prefill_cache(run, str(tmp_path / "w.pth"), tmp_path / "prefill.pt")
     other = tiny_run("t", objective={"name": "grouped_siglip"}, describer={"image_size": 48, "seed": 7})
     with pytest.raises(ProvenanceError, match=r"prefill.pt: this mask-text cache was produced by another setup"

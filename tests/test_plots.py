@@ -230,6 +230,7 @@ def test_pick_samples_skips_background_only_images():
 def test_qualitative_panel_on_tiny_data(tiny_config, tiny_data, tmp_path, one_thread):
     import torch
 
+    from ttdl.core import provenance
     from ttdl.core.config import resolve_run
     from ttdl.core.data import read_class_names
     from ttdl.core.io import save_torch
@@ -246,7 +247,8 @@ def test_qualitative_panel_on_tiny_data(tiny_config, tiny_data, tmp_path, one_th
         torch.manual_seed(seed)
         model = build_model(run.model.name, len(class_names))
         paths.append(tmp_path / f"w{seed}.pth")
-        save_torch(paths[-1], {"model": model.state_dict()})
+        save_torch(paths[-1], {"model": model.state_dict(),
+                               "provenance": provenance.for_checkpoint(run.data, class_names)})
     out = tmp_path / "qual" / "ft.png"
     rows = qualitative_panel(run, str(paths[0]), str(paths[1]), out, k=2)
     assert_png(out, min_w=1000, min_h=500)

@@ -19,6 +19,7 @@ from ttdl.core.io import load_torch, save_torch
 from ttdl.core.models import build_model
 from ttdl.core.provenance import ProvenanceError
 from ttdl.core.settings import RunSettings
+from ttdl.jobs.evaluation import load_run
 from ttdl.jobs.train import Trainer, epoch_order, lr_factor, run_fingerprint
 from ttdl.text.objectives import CrossEntropyOnly
 
@@ -269,3 +270,9 @@ def test_checkpoints_record_provenance_and_an_init_from_other_data_is_refused(ti
     save_torch(bare, {"model": weights["model"]})
     with pytest.raises(ProvenanceError, match="records nothing about what produced it"):
         Trainer(tiny_run("ft3"), tmp_path / "ft3", init_weights=str(bare), log=lambda *_: None)
+    # and the jobs that read finished weights (evaluation, prefill, adaptation data) check them too
+    assert load_run(tiny_run(), str(out / "weights.pth")).class_names == weights["class_names"]
+    with pytest.raises(ProvenanceError, match=r"weights.pth: this checkpoint was produced by another setup"):
+        load_run(renamed, str(out / "weights.pth"))
+    with pytest.raises(ProvenanceError, match="records nothing about what produced it"):
+        load_run(tiny_run(), str(bare))

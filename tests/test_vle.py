@@ -36,7 +36,7 @@ def vle_run(tiny_run, tmp_path):
     run = tiny_run("v", describer={"image_size": 48})
     trainer = Trainer(run, tmp_path / "init", log=lambda *_: None)
     weights = tmp_path / "w.pth"
-    save_torch(weights, {"model": trainer.model.state_dict()})
+    save_torch(weights, {"model": trainer.model.state_dict(), "provenance": trainer.provenance})
     return AdaptationJob("vle/2", AdaptationSettings.from_partial(ADAPT), run), str(weights)
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
+from ttdl.core import provenance
 from ttdl.core.data import class_names_of, split_of
 from ttdl.core.io import load_torch
 from ttdl.core.metrics import evaluate
@@ -37,8 +38,13 @@ def load_run(run: RunSettings, weights: str) -> LoadedRun:
     device = pick_device(run.train.device)
     class_names = class_names_of(run.data)
     # The checkpoint replaces every weight; bn_momentum only shapes how BN would keep training.
+    state = load_torch(weights)
+    # Evaluating or describing weights trained on other data or classes would print numbers that look fine.
+    provenance.check(provenance.for_checkpoint(run.data, class_names), state.get("provenance"), weights,
+                     "checkpoint", "use it with the data and classes of the run that trained it, or rerun that "
+                     "run (snakemake --forcerun train ...)")
     model = build_model(run.model.name, len(class_names), bn_momentum=run.model.bn_momentum).to(device)
-    model.load_state_dict(load_torch(weights)["model"])
+    model.load_state_dict(state["model"])
     return LoadedRun(run, model, device, autocast_dtype(run.train.amp, device), class_names)
 
 
