@@ -163,3 +163,15 @@ def test_job_lock_keys_must_stay_inside_the_lock_folder(tmp_path) -> None:
     for key in ("/etc/x", "../x", "a/../../x", ""):
         with pytest.raises(ValueError, match="relative path"):
             gpu_slots.hold_job_lock(key, tmp_path)
+
+
+def test_a_file_system_without_flock_runs_the_job_unguarded_with_a_warning(tmp_path, monkeypatch) -> None:
+    import errno
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    said: list[str] = []
+    monkeypatch.setattr(gpu_slots.fcntl, "flock", no_flock)
+    assert gpu_slots.hold_job_lock("logs/a.log", tmp_path, say=lambda text, **_: said.append(text)) is None
+    assert "does not support flock" in said[0]

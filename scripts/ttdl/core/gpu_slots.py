@@ -34,6 +34,7 @@ the same run in two processes at once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import random
@@ -172,17 +173,26 @@ def _mark_holder(fd: int) -> None:
     os.write(fd, f"pid {os.getpid()}\n".encode())
 
 
-def hold_job_lock(key: str, lock_dir: str | os.PathLike | None = None, say=print) -> int:
+def hold_job_lock(key: str, lock_dir: str | os.PathLike | None = None, say=print) -> int | None:
     """The descriptor of job `key`'s lock, waiting (and saying so) while another process holds it.
 
-    `key` is a relative path naming the job (the workflow passes its log path).
+    `key` is a relative path naming the job (the workflow passes its log path). On a file
+    system without flock (some cluster mounts) the job runs unguarded, with a warning:
+    the lock protects against a rare mishap and must not stop every job.
     """
     parts = Path(key).parts
     if not parts or Path(key).is_absolute() or ".." in parts:
         raise ValueError(f"job lock key {key!r} must be a relative path without '..'")
     path = Path(lock_dir or JOB_LOCK_DIR) / f"{key}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _try_lock(path)
+    try:
+        fd = _try_lock(path)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        say(f"with_gpu_slot: warning: {path.parent} does not support flock ({exc.strerror}); running this job "
+            f"without its lock (a killed Snakemake's orphan of it would not be waited for)", flush=True)
+        return None
     if fd is None:
         holder = path.read_text(errors="replace").strip() or "another process"
         say(f"with_gpu_slot: {holder} still runs this job ({key}; left running by a killed Snakemake?): "
@@ -204,7 +214,7 @@ def exec_with_slot(cmd: list[str], *, job_key: str | None = None, job_lock_dir: 
     """
     if not cmd:
         raise ValueError("no command given")
-    held = [] if job_key is None else [hold_job_lock(job_key, job_lock_dir)]
+    held = [] if job_key is None else [fd for fd in [hold_job_lock(job_key, job_lock_dir)] if fd is not None]
     slot = acquire(**kwargs)
     if slot.fd is not None:
         held.append(slot.fd)
