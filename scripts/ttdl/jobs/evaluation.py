@@ -37,12 +37,12 @@ def load_run(run: RunSettings, weights: str) -> LoadedRun:
     torch.set_num_threads(run.train.threads)
     device = pick_device(run.train.device)
     class_names = class_names_of(run.data)
-    # The checkpoint replaces every weight; bn_momentum only shapes how BN would keep training.
     state = load_torch(weights)
     # Evaluating or describing weights trained on other data or classes would print numbers that look fine.
     provenance.check(provenance.for_checkpoint(run.data, class_names), state.get("provenance"), weights,
                      "checkpoint", "use it with the data and classes of the run that trained it, or rerun that "
                      "run (snakemake --forcerun train ...)")
+    # The checkpoint replaces every weight; bn_momentum only shapes how BN would keep training.
     model = build_model(run.model.name, len(class_names), bn_momentum=run.model.bn_momentum).to(device)
     model.load_state_dict(state["model"])
     return LoadedRun(run, model, device, autocast_dtype(run.train.amp, device), class_names)
