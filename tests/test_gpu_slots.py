@@ -146,8 +146,9 @@ def test_a_second_copy_of_a_job_waits_for_the_first_and_other_jobs_do_not(tmp_pa
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
 
     first = job("logs/train/a.log", "first")
-    deadline = time.monotonic() + 20
-    while not (tmp_path / "jobs/logs/train/a.log.lock").exists() and time.monotonic() < deadline:
+    lock, deadline = tmp_path / "jobs/logs/train/a.log.lock", time.monotonic() + 20
+    # the holder's pid is written once the lock is taken (the file alone exists a moment earlier)
+    while not (lock.exists() and lock.read_text().startswith("pid")) and time.monotonic() < deadline:
         time.sleep(0.01)
     second, other = job("logs/train/a.log", "second"), job("logs/train/b.log", "other")
     outputs = [p.communicate(timeout=30)[0] for p in (first, second, other)]
